@@ -1,0 +1,192 @@
+"""Stream rows out of .jsonl / .json / .parquet / .csv / .txt files, each with the place it came from.
+
+JSON Lines are handed on as raw bytes: decoding and parsing happen in the worker processes, so the
+reader stays cheap and one core can feed all the others. Nothing is held in memory beyond one batch,
+except a .json array (the format has no lines to stream by; use .jsonl for large files).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_process.dataproc.options import INPUT_SUFFIXES
+from self_model.core.errors import DataError, UserError
+
+# An item is (file index, line or row number, kind, payload). kind: "json" (raw line bytes), "row" (a dict
+# already parsed by pyarrow/csv/json), "text" (one line of a .txt file), "error" (a message for this row).
+Item = tuple[int, int, str, Any]
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+@dataclass
+class InputFile:
+    path: Path
+    index: int
+    rows: int = 0  # non-blank lines or rows seen
+    blank_lines: int = 0
+    format: str | None = None  # set by the pipeline from the first valid row
+    first_loc: str = ""
+
+    def loc(self, number: int) -> str:
+        # Line numbers for line-based files, 0-based element index for a .json array, 1-based row for parquet.
+        if self.path.suffix == ".json":
+            return f"{self.path}[{number}]"
+        if self.path.suffix == ".parquet":
+            return f"{self.path}:row {number}"
+        return f"{self.path}:{number}"
+
+
+@dataclass
+class Inputs:
+    files: list[InputFile] = field(default_factory=list)
+
+    def loc(self, file_index: int, number: int) -> str:
+        return self.files[file_index].loc(number)
+
+
+def expand_inputs(paths: list[str]) -> Inputs:
+    """Files as given; folders searched recursively for supported files, in sorted order."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in INPUT_SUFFIXES)
+            if not found:
+                raise UserError(f"input folder {path} holds no {'/'.join(INPUT_SUFFIXES)} files")
+            files += found
+        else:
+            files.append(path)
+    seen: set[Path] = set()
+    unique = [p for p in files if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
+    return Inputs([InputFile(p, i) for i, p in enumerate(unique)])
+
+
+def iter_items(inputs: Inputs) -> Iterator[Item]:
+    for f in inputs.files:
+        suffix = f.path.suffix
+        if suffix == ".jsonl":
+            yield from _jsonl(f)
+        elif suffix == ".json":
+            yield from _json_array(f)
+        elif suffix == ".txt":
+            yield from _txt(f)
+        elif suffix == ".csv":
+            yield from _csv(f)
+        elif suffix == ".parquet":
+            yield from _parquet(f)
+        else:  # options.validate refuses these; a folder only yields supported suffixes
+            raise UserError(f"{f.path}: unsupported file type '{suffix}'")
+
+
+def iter_batches(inputs: Inputs, batch_size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in iter_items(inputs):
+        batch.append(item)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _jsonl(f: InputFile) -> Iterator[Item]:
+    with f.path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                f.blank_lines += 1
+                continue
+            f.rows += 1
+            yield f.index, lineno, "json", raw
+
+
+def _txt(f: InputFile) -> Iterator[Item]:
+    with f.path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                f.blank_lines += 1
+                continue
+            f.rows += 1
+            try:
+                yield f.index, lineno, "text", raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                yield f.index, lineno, "error", _not_utf8(raw, exc)
+
+
+def _json_array(f: InputFile) -> Iterator[Item]:
+    try:
+        rows = json.loads(f.path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError([f"{f.path}: not UTF-8 at byte {exc.start}"], hint="re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataError([f"{f.path}:{exc.lineno}: not valid JSON: {exc.msg} at column {exc.colno}"]) from None
+    if not isinstance(rows, list):
+        raise DataError([f"{f.path}: expected a JSON array of rows, got a {type(rows).__name__}"],
+                        hint="a file with one object per line should be named .jsonl")
+    for i, row in enumerate(rows):
+        f.rows += 1
+        yield f.index, i, "row", row
+
+
+def _csv(f: InputFile) -> Iterator[Item]:
+    # surrogateescape keeps undecodable bytes as lone surrogates, so a bad row is found and named by line
+    # instead of the whole file failing at an unknown place.
+    with f.path.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        if any(_has_surrogates(h) for h in header):
+            raise DataError([f"{f.path}:1: the header is not UTF-8"], hint="re-encode the file as UTF-8")
+        start = 2
+        for row in reader:
+            f.rows += 1
+            if None in row or any(v is None for v in row.values()):
+                yield f.index, start, "error", f"expected {len(header)} columns {header}"
+            elif any(_has_surrogates(v) for v in row.values()):
+                yield f.index, start, "error", "not UTF-8"
+            else:
+                yield f.index, start, "row", row
+            start = reader.line_num + 1
+
+
+def _parquet(f: InputFile) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    try:
+        pfile = pq.ParquetFile(f.path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file; all mean the same
+        raise DataError([f"{f.path}: not a readable parquet file: {exc}"]) from None
+    number = 0
+    for batch in pfile.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            number += 1
+            f.rows += 1
+            yield f.index, number, "row", row
+
+
+def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r}); re-encode the file as UTF-8"
+
+
+def _has_surrogates(value: Any) -> bool:
+    return isinstance(value, str) and _SURROGATE.search(value) is not None
+
+
+def parse_json_line(raw: bytes) -> dict[str, Any] | str:
+    """The row, or an error message for it (run in the workers)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _not_utf8(raw, exc)
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"malformed JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}"
+    if not isinstance(row, dict):
+        return f"expected a JSON object per line, got {type(row).__name__}"
+    return row
+

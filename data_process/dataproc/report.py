@@ -1,0 +1,195 @@
+"""report.json, report.md and lengths.png: what each step removed and why, duplicate clusters, lengths.
+
+The counts are built so they add up: rows read = malformed + every cleaning rule + exact duplicates +
+near duplicates + train + validation (a test holds the report to that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from data_process.dataproc.clean import RULES
+from data_process.dataproc.normalize import content
+from self_model.core.errors import UserError
+
+if TYPE_CHECKING:
+    from data_process.dataproc.options import ProcessConfig
+    from data_process.dataproc.pipeline import Collected
+
+MEMBERS_SHOWN = 3
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--tokenizer {name}: cannot load a tokenizer from it ({exc}); give a local tokenizer "
+                        "folder (with tokenizer.json or tokenizer_config.json) or a hub id") from None
+
+
+def count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
+    # A batch call: fast tokenizers encode it on all cores.
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _stats(values: np.ndarray) -> dict[str, Any]:
+    if not len(values):
+        return {"count": 0}
+    counts, edges = np.histogram(values, bins=min(30, max(1, len(np.unique(values)))))
+    return {"count": int(len(values)), "min": int(values.min()), "mean": round(float(values.mean()), 1),
+            "p50": int(np.percentile(values, 50)), "p95": int(np.percentile(values, 95)), "max": int(values.max()),
+            "histogram": {"edges": [round(float(e), 1) for e in edges], "counts": counts.tolist()}}
+
+
+def _snippet(result: dict[str, Any], i: int) -> str:
+    with open(result["stage"], "rb") as fh:
+        fh.seek(result["offsets"][i])
+        return content(json.loads(fh.readline()))[:200]
+
+
+def _clusters(out: Collected, result: dict[str, Any], rep: np.ndarray, limit: int, sims: np.ndarray | None = None,
+              sim_index: np.ndarray | None = None) -> dict[str, Any]:
+    """The largest clusters (a kept row and the rows removed as its duplicates), with text."""
+    locs = result["locs"]
+
+    def source(i: int) -> str:
+        return out.loc(int(locs["files"][i]), int(locs["numbers"][i]))
+
+    removed = np.flatnonzero(rep != np.arange(len(rep)))
+    heads, sizes = np.unique(rep[removed], return_counts=True)
+    order = np.lexsort((heads, -sizes))[:limit]
+    shown = []
+    for head, size in zip(heads[order], sizes[order]):
+        members = []
+        for m in np.flatnonzero(rep == head):
+            if m == head:
+                continue
+            entry = {"source": source(m), "text": _snippet(result, m)}
+            if sims is not None and sim_index is not None:
+                entry["similarity"] = round(float(sims[np.searchsorted(sim_index, m)]), 3)
+            members.append(entry)
+            if len(members) >= MEMBERS_SHOWN:
+                break
+        shown.append({"size": int(size) + 1, "kept": {"source": source(head), "text": _snippet(result, head)},
+                      "removed": members})
+    return {"clusters": int(len(heads)), "rows_removed": int(len(removed)), "largest": shown}
+
+
+def build(cfg: ProcessConfig, out: Collected, result: dict[str, Any]) -> dict[str, Any]:
+    rows_in = sum(f.rows for f in out.inputs.files)
+    n_ok = out.rows_ok
+    index = np.arange(n_ok)
+    exact_removed = int((result["exact"] != index).sum())
+    near = result["near"]
+    near_removed = int(near.removed.sum()) if near is not None else 0
+    clean_removed = {rule: out.removed[rule] for rule in RULES}
+    after_read = rows_in - out.removed["malformed"]
+    steps = [
+        {"step": "read", "rows_in": rows_in, "removed": {"malformed": out.removed["malformed"]},
+         "rows_out": after_read},
+        {"step": "clean", "rows_in": after_read, "removed": clean_removed, "rows_out": n_ok},
+        {"step": "exact_dedup", "enabled": cfg.dedup, "rows_in": n_ok, "removed": {"exact_duplicate": exact_removed},
+         "rows_out": n_ok - exact_removed},
+        {"step": "near_dedup", "enabled": cfg.near_dedup, "rows_in": n_ok - exact_removed,
+         "removed": {"near_duplicate": near_removed}, "rows_out": result["kept"]},
+        {"step": "split", "rows_in": result["kept"], "train": result["kept"] - result["validation"],
+         "validation": result["validation"], "rows_out": result["kept"]},
+    ]
+    examples = {**out.examples, **result["dup_examples"]}
+    report: dict[str, Any] = {
+        "kind": out.kind,
+        "inputs": [{"path": str(f.path), "format": f.format, "rows": f.rows, "blank_lines": f.blank_lines}
+                   for f in out.inputs.files],
+        "rows_in": rows_in, "rows_out": result["kept"], "steps": steps,
+        "rejected_examples": {rule: rows for rule, rows in examples.items() if rows},
+        "lengths": {"chars": _stats(result["lengths"]["chars"])},
+        "options": dataclasses.asdict(cfg), "timing": result["timing"],
+        "outputs": {name: str(cfg.out_dir / name) for name in _output_names(cfg, result["validation"])},
+    }
+    if result["lengths"]["tokens"] is not None:
+        report["lengths"]["tokens"] = _stats(result["lengths"]["tokens"])
+        report["lengths"]["tokens"]["tokenizer"] = cfg.tokenizer
+    if cfg.dedup:
+        report["exact_duplicates"] = _clusters(out, result, result["exact"], cfg.max_examples)
+    if near is not None:
+        report["near_duplicates"] = {
+            "params": {"ngram": cfg.ngram, "ngram_unit": cfg.ngram_unit, "num_perm": cfg.num_perm,
+                       "threshold": cfg.threshold, "bands": near.bands, "rows": near.rows},
+            "candidate_pairs": near.candidate_pairs, "verified_pairs": near.verified_pairs,
+            **_clusters(out, result, result["near_rep"], cfg.max_examples, near.similarity, result["after_exact"])}
+    return report
+
+
+def _output_names(cfg: ProcessConfig, validation: int) -> list[str]:
+    names = ["train.jsonl", *(["validation.jsonl"] if validation else []), "report.json", "report.md", "lengths.png"]
+    return names + (["rejected.jsonl"] if cfg.keep_rejected else [])
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Data processing report ({report['kind']} data)", "",
+             f"{report['rows_in']} rows in, {report['rows_out']} rows out.", "", "| input | format | rows |",
+             "|---|---|---|"]
+    lines += [f"| {f['path']} | {f['format']} | {f['rows']} |" for f in report["inputs"]]
+    lines += ["", "| step | rows in | removed | rows out |", "|---|---|---|---|"]
+    for step in report["steps"]:
+        if step["step"] == "split":
+            lines.append(f"| split | {step['rows_in']} | train {step['train']}, validation {step['validation']} "
+                         f"| {step['rows_out']} |")
+            continue
+        removed = ", ".join(f"{rule} {n}" for rule, n in step["removed"].items() if n) or "-"
+        off = "" if step.get("enabled", True) else " (off)"
+        lines.append(f"| {step['step']}{off} | {step['rows_in']} | {removed} | {step['rows_out']} |")
+    for rule, rows in report["rejected_examples"].items():
+        lines += ["", f"## First rows removed by `{rule}`", ""]
+        lines += [f"- `{r['source']}`: {r['reason']}: {_one_line(r['row'])}" for r in rows]
+    for key in ("exact_duplicates", "near_duplicates"):
+        if key in report and report[key]["largest"]:
+            lines += ["", f"## Largest {key.replace('_', ' ')} clusters ({report[key]['clusters']} in all)", ""]
+            for c in report[key]["largest"]:
+                lines.append(f"- {c['size']} rows; kept `{c['kept']['source']}`: {_one_line(c['kept']['text'])}")
+                lines += [f"  - removed `{m['source']}`" + (f" (Jaccard ~{m['similarity']})" if "similarity" in m
+                                                           else "") + f": {_one_line(m['text'])}"
+                          for m in c["removed"]]
+    lines += ["", "## Lengths of the kept rows", ""]
+    for unit, s in report["lengths"].items():
+        if s.get("count"):
+            lines.append(f"- {unit}: min {s['min']}, mean {s['mean']}, p50 {s['p50']}, p95 {s['p95']}, max {s['max']}")
+    lines += ["", "Outputs: " + ", ".join(f"`{p}`" for p in report["outputs"].values()), ""]
+    return "\n".join(lines)
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def plot_lengths(path: Path, lengths: dict[str, np.ndarray | None]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+
+    panels = [(unit, values) for unit, values in lengths.items() if values is not None and len(values)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
+    for ax, (unit, values) in zip(axes[0], panels):
+        ax.hist(values, bins=50, color="#4477aa")
+        ax.set_xlabel(f"length in {unit}")
+        ax.set_ylabel("rows")
+        ax.set_title(f"{unit}: p50 {int(np.percentile(values, 50))}, p95 {int(np.percentile(values, 95))}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(folder: Path, report: dict[str, Any], lengths: dict[str, np.ndarray | None]) -> None:
+    (folder / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2, default=str) + "\n",
+                                        encoding="utf-8")
+    (folder / "report.md").write_text(markdown(report), encoding="utf-8")
+    plot_lengths(folder / "lengths.png", lengths)

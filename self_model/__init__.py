@@ -1,0 +1,1 @@
+"""Config-driven LLM training toolkit."""

@@ -1,0 +1,300 @@
+"""Chat data: read JSONL/JSON files, convert each row to canonical messages, validate with file:line errors.
+
+Canonical sample: `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, ...}], "format": name,
+"source": "file:line"}`, plus `"tools"` (a list of tool definitions) when the row gives them. An assistant tool
+call is `{"role": "assistant", "content": str, "tool_calls": [{"type": "function", "function": {"name": str,
+"arguments": object}}]}` (OpenAI's JSON-string arguments are parsed, as chat templates expect an object).
+A data format is a small converter registered by name (see `register_format`); `format: auto`
+detects the format of each row from its keys and refuses a file that mixes formats.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from self_model.core.config import did_you_mean
+from self_model.core.errors import DataError, UserError
+
+MAX_SHOWN = 10
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speaker names and the roles they map to.
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bot": "assistant",
+    "system": "system",
+    "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool",
+}
+
+
+class RowError(ValueError):
+    """A problem with one row; the loader prefixes it with file:line."""
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    name: str
+    detect: Callable[[dict[str, Any]], bool]
+    convert: Callable[[dict[str, Any]], list[dict[str, Any]]]
+    example: str
+
+
+_FORMATS: dict[str, DataFormat] = {}
+
+
+def register_format(fmt: DataFormat) -> DataFormat:
+    if fmt.name in _FORMATS:
+        raise ValueError(f"data format '{fmt.name}' is already registered")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def known_formats() -> list[str]:
+    return list(_FORMATS)
+
+
+def get_format(name: str) -> DataFormat:
+    if name not in _FORMATS:
+        raise UserError(f"unknown data format '{name}'{did_you_mean(name, _FORMATS)}; "
+                        f"known: {known_formats()} or auto")
+    return _FORMATS[name]
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise RowError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _from_sharegpt(row: dict[str, Any]) -> list[dict[str, Any]]:
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise RowError("'conversations' must be a non-empty list of {from, value} turns")
+    messages: list[dict[str, Any]] = []
+    if row.get("system"):
+        messages.append({"role": "system", "content": _text(row["system"], "'system'")})
+    for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowError(f"turn {i} must be an object with 'from' and 'value', got {json.dumps(turn)[:80]}")
+        speaker = turn["from"]
+        if speaker not in SHAREGPT_ROLES:
+            raise RowError(f"turn {i} has from={speaker!r}; expected one of {sorted(set(SHAREGPT_ROLES))}"
+                           f"{did_you_mean(str(speaker), SHAREGPT_ROLES)}")
+        value = _text(turn["value"], f"turn {i} 'value'")
+        if speaker == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _parse_tool_calls(value, i)})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return messages
+
+
+def _parse_tool_calls(value: str, turn: int) -> list[dict[str, Any]]:
+    """A ShareGPT function_call value: one {name, arguments} JSON object, or a list of them (parallel calls)."""
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError:
+        raise RowError(f"turn {turn} is a function_call whose value is not JSON: {value[:80]!r}") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(c, dict) and "name" in c for c in calls):
+        raise RowError(f"turn {turn} is a function_call; expected JSON with 'name' and 'arguments' (or a list)")
+    return [_tool_call(c, f"turn {turn}") for c in calls]
+
+
+def _tool_call(call: dict[str, Any], where: str) -> dict[str, Any]:
+    """One call as {"type": "function", "function": {"name", "arguments": object}}; JSON-string arguments parsed."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise RowError(f"{where}: a tool call needs a function name, got {json.dumps(call, ensure_ascii=False)[:80]}")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise RowError(f"{where}: tool call '{fn['name']}' has arguments that are not JSON: {args[:80]!r}"
+                           ) from None
+    return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+def _row_tools(row: dict[str, Any]) -> list[Any] | None:
+    """The row's tool definitions: a list, or a JSON string of one (LLaMA-Factory's ShareGPT `tools`)."""
+    tools = row.get("tools")
+    if tools in (None, "", []):
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise RowError(f"'tools' is a string but not JSON: {tools[:80]!r}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError("'tools' must be a list of tool definitions (JSON objects)")
+    return tools or None
+
+
+def _from_alpaca(row: dict[str, Any]) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    if row.get("system"):
+        messages.append({"role": "system", "content": _text(row["system"], "'system'")})
+    for i, pair in enumerate(row.get("history") or [], 1):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise RowError(f"history item {i} must be a [question, answer] pair")
+        messages.append({"role": "user", "content": _text(pair[0], f"history item {i} question")})
+        messages.append({"role": "assistant", "content": _text(pair[1], f"history item {i} answer")})
+    instruction = _text(row.get("instruction") or "", "'instruction'")
+    extra = _text(row.get("input") or "", "'input'")
+    prompt = "\n".join(part for part in (instruction, extra) if part)
+    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "assistant", "content": _text(row.get("output"), "'output'")})
+    return messages
+
+
+def _from_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RowError("'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, msg in enumerate(messages, 1):
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise RowError(f"message {i} must be an object with 'role' and 'content'")
+        clean = {"role": msg["role"], "content": msg.get("content") if msg.get("content") is not None else ""}
+        if msg.get("tool_calls"):
+            if not isinstance(msg["tool_calls"], list):
+                raise RowError(f"message {i} 'tool_calls' must be a list")
+            clean["tool_calls"] = [_tool_call(c, f"message {i}") for c in msg["tool_calls"]]
+        _text(clean["content"], f"message {i} 'content'")
+        out.append(clean)
+    return out
+
+
+register_format(DataFormat("sharegpt", lambda r: "conversations" in r, _from_sharegpt,
+                           '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}'))
+register_format(DataFormat("messages", lambda r: "messages" in r, _from_messages,
+                           '{"messages": [{"role": "user", "content": "..."}, '
+                           '{"role": "assistant", "content": "..."}]}'))
+register_format(DataFormat("alpaca", lambda r: "output" in r and ("instruction" in r or "input" in r), _from_alpaca,
+                           '{"instruction": "...", "input": "...", "output": "..."}'))
+
+
+def detect_format(row: dict[str, Any]) -> str:
+    for fmt in _FORMATS.values():
+        if fmt.detect(row):
+            return fmt.name
+    examples = "\n".join(f"    {f.name}: {f.example}" for f in _FORMATS.values())
+    raise RowError(f"unrecognised row with keys {sorted(row)}; expected one of:\n{examples}")
+
+
+def validate_conversation(messages: list[dict[str, Any]]) -> None:
+    """Roles in order: an optional system turn, then user/assistant alternating, tool results after a call."""
+    expected_next = "user"
+    for i, msg in enumerate(messages, 1):
+        role = msg["role"]
+        if role not in ROLES:
+            raise RowError(f"message {i} has role '{role}'; expected one of {list(ROLES)}{did_you_mean(role, ROLES)}"
+                           " (ShareGPT from-values human/gpt/system/function_call/observation are mapped "
+                           "automatically)")
+        if role == "system":
+            if i != 1:
+                continue  # the template decides whether a later system turn can be expressed
+            continue
+        if not msg["content"].strip() and not msg.get("tool_calls"):
+            raise RowError(f"message {i} ({role}) is empty")
+        if role == "tool":
+            if expected_next not in ("tool", "assistant") or i == 1:
+                raise RowError(f"message {i} is a tool result without a preceding assistant tool call")
+            expected_next = "assistant"
+            continue
+        if role != expected_next and not (role == "assistant" and expected_next == "tool"):
+            raise RowError(f"message {i} is '{role}' but a '{expected_next}' turn was expected "
+                           "(turns must alternate user/assistant after an optional system turn)")
+        expected_next = "tool" if role == "assistant" and msg.get("tool_calls") else (
+            "assistant" if role == "user" else "user")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise RowError("the conversation does not end with an assistant turn, so there is nothing to train on")
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+    """Yield (location, row or RowError) for a .jsonl file (one object a line) or a .json array."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError([f"{path}: not valid JSON: {exc}"]) from None
+        if not isinstance(rows, list):
+            raise DataError([f"{path}: expected a JSON array of rows"])
+        for i, row in enumerate(rows):
+            yield f"{path}[{i}]", row if isinstance(row, dict) else RowError("row is not a JSON object")
+        return
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            loc = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield loc, RowError(f"not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield loc, RowError(f"malformed JSON: {exc.msg} at column {exc.colno}")
+                continue
+            yield loc, row if isinstance(row, dict) else RowError("row is not a JSON object")
+
+
+def load_conversations(paths: str | list[str], fmt: str = "auto",
+                       check: Callable[[list[dict[str, Any]], list[Any] | None], str | None] | None = None,
+                       ) -> list[dict[str, Any]]:
+    """Read every file, convert and validate every row; raise one DataError listing the first problems.
+
+    `check(messages, tools)` is an extra per-conversation test (the template's: can it express these turns?).
+    """
+    samples: list[dict[str, Any]] = []
+    problems: list[str] = []
+    total_bad = 0
+    for path in [paths] if isinstance(paths, str) else paths:
+        file_format = None if fmt == "auto" else get_format(fmt).name
+        first_loc = None
+        for loc, row in iter_rows(path):
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                name = detect_format(row) if fmt == "auto" else file_format
+                if file_format is None:
+                    file_format, first_loc = name, loc
+                elif name != file_format:
+                    raise RowError(f"row is '{name}' but {first_loc} is '{file_format}'; one file holds one format")
+                messages = _FORMATS[name].convert(row)  # type: ignore[index]
+                validate_conversation(messages)
+                tools = _row_tools(row)
+                if check and (reason := check(messages, tools)):
+                    raise RowError(reason)
+                sample = {"messages": messages, "format": name, "source": loc}
+                samples.append({**sample, "tools": tools} if tools else sample)
+            except (RowError, KeyError) as exc:
+                total_bad += 1
+                if len(problems) < MAX_SHOWN:
+                    problems.append(f"{loc}: {exc}")
+        if file_format is None and not problems:
+            problems.append(f"{path}: no rows (the file is empty)")
+            total_bad += 1
+    if problems:
+        raise DataError(problems, total=total_bad, hint="Fix these rows (nothing was trained); "
+                        "data_process/process_data.py can clean a file and report what it removed.")
+    return samples
+
+
+def first_prompt(paths: str | list[str]) -> list[dict[str, Any]]:
+    """The first conversation of the data up to its first assistant turn (a prompt for a quick demo answer)."""
+    path = paths if isinstance(paths, str) else paths[0]
+    for _, row in iter_rows(path):
+        if isinstance(row, dict):
+            messages = _FORMATS[detect_format(row)].convert(row)
+            first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            return messages[:first_reply]
+    raise UserError(f"{path}: no rows")

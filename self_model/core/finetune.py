@@ -1,0 +1,115 @@
+"""The SFT stage's building blocks: training arguments, the trainer, and the --dry-run plan."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from self_model.core.modeling import apply_peft, check_vocab, count_parameters, load_causal_lm
+from self_model.core.schema import FinetuneConfig, StageConfig
+from self_model.core.sft import TokenizeReport, encode_with_template, make_collator, render_marked
+from self_model.core.template import ChatTemplate
+from self_model.core.tracking import setup_tracking
+from self_model.core.training import MetricsMixin, build_training_args
+
+logger = logging.getLogger("self_model")
+
+# Defaults that differ from transformers' for a fine-tuning run; any of them can be set in training_args.
+SFT_DEFAULTS: dict[str, Any] = {
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 3,
+    "remove_unused_columns": False,  # rows are already input_ids + labels
+    "include_num_input_tokens_seen": "non_padding",
+    "lr_scheduler_type": "cosine",
+}
+
+
+def sft_training_args(cfg: FinetuneConfig) -> Any:
+    from transformers import TrainingArguments
+
+    run_name = os.path.basename(os.path.normpath(cfg.training_args["output_dir"]))
+    defaults = dict(SFT_DEFAULTS, run_name=run_name)
+    if cfg.data.eval_file:
+        defaults.update(eval_strategy="steps", eval_steps=SFT_DEFAULTS["save_steps"])
+    return build_training_args(cfg.training_args, TrainingArguments, defaults)
+
+
+def load_model_for_training(cfg: StageConfig, tokenizer: Any, args: Any) -> Any:
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = load_causal_lm(cfg, dtype)
+    check_vocab(model, tokenizer)
+    if args.gradient_checkpointing and not cfg.peft.qlora:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.peft.enabled:
+            model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
+    model = apply_peft(model, cfg.peft, gradient_checkpointing=args.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def build_sft_trainer(cfg: FinetuneConfig, model: Any, tokenizer: Any, args: Any, train: Any, eval_: Any) -> Any:
+    from transformers import Trainer
+
+    class SFTRunTrainer(MetricsMixin, Trainer):
+        pass
+
+    args.report_to, callbacks = setup_tracking(cfg.trace, args.output_dir, args.run_name)
+    return SFTRunTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_,
+                         data_collator=make_collator(tokenizer, cfg.data.packing), processing_class=tokenizer,
+                         callbacks=callbacks)
+
+
+def estimate_trainable(cfg: StageConfig) -> tuple[int, int]:
+    """Trainable / total parameters without loading weights (the model is built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        if cfg.peft.enabled:
+            from dataclasses import replace
+
+            model = apply_peft(model, replace(cfg.peft, qlora=False))
+    return count_parameters(model)
+
+
+def print_plan(cfg: FinetuneConfig, targs: Any, tokenizer: Any, template: ChatTemplate | None, train: Any,
+               report: TokenizeReport, eval_report: TokenizeReport | None) -> None:
+    """--dry-run: what would be trained, on how much data, and one sample with its trained span marked."""
+    args = dict(cfg.training_args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = args.get("per_device_train_batch_size", 8)
+    accum = args.get("gradient_accumulation_steps", 1)
+    trainable, total = estimate_trainable(cfg)
+    mode = "QLoRA" if cfg.peft.qlora else ("LoRA" if cfg.peft.enabled else "full fine-tuning")
+    summary = report.summary()
+    print("\n=== dry run: nothing is trained ===")
+    print(f"model:      {cfg.model_name_or_path} ({mode}); trainable {trainable:,} of {total:,} parameters "
+          f"({100 * trainable / max(total, 1):.2f}%)")
+    print(f"template:   {template.name if template else 'the tokenizer chat_template'}")
+    print(f"train data: {summary['rows_in']} rows -> {summary['rows_out']} samples; tokens {summary['tokens']}; "
+          f"trained tokens {summary['trained_tokens']}")
+    print(f"length:     max_length {cfg.data.max_length}; truncated {summary['truncated']}, dropped too long "
+          f"{summary['dropped_too_long']}, dropped with nothing to train {summary['dropped_no_trainable_tokens']}")
+    if eval_report is not None:
+        print(f"eval data:  {eval_report.summary()['rows_out']} samples")
+    print(f"batch:      {per_device} per device x {accum} accumulation x {world} process(es) = "
+          f"{per_device * accum * world} samples per optimizer step; packing {cfg.data.packing}")
+    print(f"precision:  {'bf16' if targs.bf16 else 'fp16' if targs.fp16 else 'fp32'}")
+    print(f"output:     {cfg.training_args['output_dir']}")
+    print_samples(tokenizer, template, cfg.data.mask_history, report)
+
+
+def print_samples(tokenizer: Any, template: ChatTemplate | None, mask_history: bool, report: TokenizeReport) -> None:
+    """One rendered sample per data format, the trained tokens between [[ and ]]."""
+    print("\none rendered sample per data format; the trained tokens are between [[ and ]]:")
+    for fmt, sample in report.examples.items():
+        ids, labels = encode_with_template(tokenizer, template, sample["messages"], mask_history, sample.get("tools"))
+        print(f"\n--- format '{fmt}' ({sample['source']}) ---")
+        print(render_marked(tokenizer, ids, labels))

@@ -1,0 +1,196 @@
+"""SFT samples: conversations -> input_ids + labels, length statistics, and the batch collators."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from self_model.core.data import load_conversations
+from self_model.core.errors import UserError
+from self_model.core.schema import SFTDataConfig
+from self_model.core.template import IGNORE_INDEX, ChatTemplate
+
+logger = logging.getLogger("self_model")
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenization did to the data: reported before training and written into the run folder."""
+
+    rows: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+    lengths: list[int] = field(default_factory=list)
+    trained_tokens: int = 0
+    # The first sample of each data format, for --dry-run (not part of the summary).
+    examples: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        lengths = sorted(self.lengths) or [0]
+
+        def pct(q: float) -> int:
+            return lengths[min(len(lengths) - 1, int(q * len(lengths)))]
+
+        return {"rows_in": self.rows, "rows_out": len(self.lengths), "truncated": self.truncated,
+                "dropped_too_long": self.dropped_too_long, "dropped_no_trainable_tokens": self.dropped_no_target,
+                "tokens": {"min": lengths[0], "mean": round(sum(lengths) / len(lengths), 1), "p50": pct(0.5),
+                           "p95": pct(0.95), "max": lengths[-1]}, "trained_tokens": self.trained_tokens}
+
+
+def encode_with_template(tokenizer: Any, template: ChatTemplate | None, messages: list[dict[str, Any]],
+                         mask_history: bool, tools: list[Any] | None = None) -> tuple[list[int], list[int]]:
+    if template is not None:
+        return template.encode(tokenizer, messages, mask_history=mask_history, tools=tools)
+    return encode_with_tokenizer_template(tokenizer, messages, mask_history, tools)
+
+
+def encode_with_tokenizer_template(tokenizer: Any, messages: list[dict[str, Any]], mask_history: bool,
+                                   tools: list[Any] | None = None) -> tuple[list[int], list[int]]:
+    """Label mask from the tokenizer's own chat_template: each assistant reply is what the template adds
+    after the generation prompt of the conversation so far."""
+    ids: list[int] = []
+    labels: list[int] = []
+    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        if prompt_ids[: len(ids)] != ids or full_ids[: len(prompt_ids)] != prompt_ids:
+            raise UserError("the tokenizer's chat_template does not render conversations incrementally, so the "
+                            "reply tokens cannot be told apart; set template_path to a template JSON instead")
+        train = not mask_history or i == last_assistant
+        reply = full_ids[len(prompt_ids):]
+        labels += [IGNORE_INDEX] * (len(prompt_ids) - len(ids)) + (reply if train else [IGNORE_INDEX] * len(reply))
+        ids = full_ids
+    return ids, labels
+
+
+def tokenize_conversations(samples: list[dict[str, Any]], tokenizer: Any, template: ChatTemplate | None,
+                           data: SFTDataConfig) -> tuple[list[dict[str, list[int]]], TokenizeReport]:
+    encoded = [encode_with_template(tokenizer, template, s["messages"], data.mask_history, s.get("tools"))
+               for s in samples]
+    return apply_length_policy(encoded, data)
+
+
+def apply_length_policy(encoded: Any, data: SFTDataConfig) -> tuple[list[dict[str, list[int]]], TokenizeReport]:
+    """Truncate or drop samples over max_length, drop those left without a trained token, and count both."""
+    report = TokenizeReport(rows=len(encoded))
+    rows = []
+    for ids, labels in encoded:
+        if len(ids) > data.max_length:
+            if data.truncation == "drop":
+                report.dropped_too_long += 1
+                continue
+            report.truncated += 1
+            ids, labels = ids[: data.max_length], labels[: data.max_length]
+        trained = sum(1 for label in labels if label != IGNORE_INDEX)
+        if trained == 0:
+            report.dropped_no_target += 1  # the prompt alone fills max_length: nothing left to learn from
+            continue
+        report.lengths.append(len(ids))
+        report.trained_tokens += trained
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows, report
+
+
+def build_sft_dataset(files: str | list[str], tokenizer: Any, template: ChatTemplate | None,
+                      data: SFTDataConfig, limit: int | None = None) -> tuple[Any, TokenizeReport]:
+    """Load, validate and tokenize; large files are tokenized in parallel with datasets.map."""
+    from datasets import Dataset
+
+    check = template.check_roles if template is not None else None
+    samples = load_conversations(files, data.format, check=check)
+    if limit:
+        samples = samples[:limit]
+    num_proc = data.num_proc if data.num_proc is not None else (min(os.cpu_count() or 1, 8) if len(samples) > 20000
+                                                                 else None)
+    if num_proc and num_proc > 1:
+        # Parallel path: each worker tokenizes a shard; the report is rebuilt from the per-row results.
+        shard = Dataset.from_dict({"messages": [json.dumps(s["messages"], ensure_ascii=False) for s in samples],
+                                   "tools": [json.dumps(s.get("tools"), ensure_ascii=False) for s in samples]})
+
+        def encode_batch(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
+            out = [encode_with_template(tokenizer, template, json.loads(m), data.mask_history, json.loads(t))
+                   for m, t in zip(batch["messages"], batch["tools"], strict=True)]
+            return {"input_ids": [o[0] for o in out], "labels": [o[1] for o in out]}
+
+        encoded = shard.map(encode_batch, batched=True, num_proc=num_proc, remove_columns=["messages", "tools"])
+        rows, report = apply_length_policy(list(zip(encoded["input_ids"], encoded["labels"], strict=True)), data)
+    else:
+        rows, report = tokenize_conversations(samples, tokenizer, template, data)
+    if not rows:
+        raise UserError(f"no trainable samples left in {files}: {report.summary()}")
+    for sample in samples:
+        report.examples.setdefault(sample.get("format", "?"), sample)
+    return Dataset.from_list(rows), report
+
+
+class PaddingCollator:
+    """Right-pads input_ids with pad_token_id and labels with -100; builds the attention mask."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": [], "labels": [], "attention_mask": []}
+        for f in features:
+            pad = longest - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def make_collator(tokenizer: Any, packing: bool) -> Any:
+    """Packing: transformers' DataCollatorWithFlattening concatenates the batch into one row with positions
+    restarting at 0 for each sample and no attention mask; the model then builds a block-diagonal causal
+    mask from the positions, so samples never attend to each other, and the first label of every sample is
+    -100, so no sample learns to predict the next one."""
+    if packing:
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return PaddingCollator(tokenizer.pad_token_id)
+
+
+def render_marked(tokenizer: Any, ids: list[int], labels: list[int], open_mark: str = "[[",
+                  close_mark: str = "]]") -> str:
+    """The sample as text with each trained span wrapped in [[ ]], for --dry-run and tests.
+
+    A trained position whose label is not its input token (Baichuan2 learns eos where the next user token
+    stands) is shown as [[input→label]].
+    """
+    out: list[str] = []
+    run: list[int] = []
+    trained = None
+    for tok, label in zip(ids, labels, strict=True):
+        is_trained = label != IGNORE_INDEX
+        if is_trained and label != tok:
+            if run:
+                out.append(f"{open_mark}{tokenizer.decode(run)}{close_mark}" if trained else tokenizer.decode(run))
+            out.append(f"{open_mark}{tokenizer.decode([tok])}→{tokenizer.decode([label])}{close_mark}")
+            run, trained = [], None
+            continue
+        if trained is not None and is_trained != trained:
+            text = tokenizer.decode(run)
+            out.append(f"{open_mark}{text}{close_mark}" if trained else text)
+            run = []
+        trained = is_trained
+        run.append(tok)
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"{open_mark}{text}{close_mark}" if trained else text)
+    return "".join(out)

@@ -1,0 +1,393 @@
+"""Chat templates: one JSON definition drives training (ids + labels) and inference (a Jinja chat_template).
+
+A template file (`self_model/template/<name>.json`) holds the prefix/suffix strings users already edit;
+the schema is documented in `self_model/template/README.md`. Two ways to turn a conversation into ids:
+
+- `tokenize: text` (Qwen2.5, Llama-3, DeepSeek): render the conversation to text while recording which
+  character spans are trained (each assistant reply and its end-of-turn token), tokenize the whole text
+  once with offsets and label the tokens inside those spans. The ids are exactly what
+  `tokenizer.apply_chat_template` produces from the generated Jinja string (and from the official one).
+- `tokenize: pieces` (ChatGLM3, Baichuan2): each marker is its special-token id and every text piece is
+  encoded on its own, as the official fine-tuning code does (see `template_tokens.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from self_model.core.config import did_you_mean
+from self_model.core.errors import ConfigError, UserError
+from self_model.core.template_tools import ToolFormat, substitute
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "template"
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant", "tool")
+# Marker strings written like <|name|> are special tokens; others are declared in `special_tokens`.
+_MARKER = re.compile(r"<\|[^|<>\s]+\|>")
+@dataclass(frozen=True)
+class Turn:
+    """One rendered turn: markup around a body (tool calls and grouped tool results already written out)."""
+
+    role: str
+    prefix: str
+    body: str
+    suffix: str
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat format as prefix/suffix strings; `{bos_token}` / `{eos_token}` are filled from the tokenizer."""
+
+    name: str
+    # None: the family has no system turn (a conversation with one is refused, never silently dropped).
+    system_prefix: str | None
+    system_suffix: str
+    user_prefix: str
+    user_suffix: str
+    assistant_prefix: str
+    assistant_suffix: str
+    # The string that ends an assistant turn and that generation stops on; it is trained. Empty only for
+    # `tokenize: pieces` formats, which have no such token (see reply_end).
+    end_of_turn: str
+    description: str = ""
+    # Emitted once at the start of every conversation (e.g. "{bos_token}", "[gMASK]sop").
+    conversation_prefix: str = ""
+    # What the model is prompted with at inference; defaults to assistant_prefix. The trained span of
+    # each reply starts right after it (DeepSeek prompts with "Assistant:" and renders "Assistant: ").
+    generation_prompt: str | None = None
+    # System text used when a conversation has none (Qwen2.5 always emits a system turn).
+    default_system: str | None = None
+    # Strip leading/trailing whitespace of every message (Llama-3's `| trim`).
+    strip_content: bool = False
+    # Extra strings generation also stops on (besides end_of_turn and the tokenizer's eos).
+    stop_words: list[str] = field(default_factory=list)
+    # Whether a system turn may appear after the first message.
+    system_anywhere: bool = False
+    # Tool definitions, calls and results; None: the family has no tool format.
+    tools: ToolFormat | None = None
+    # "text": tokenize the rendered conversation once; "pieces": encode each piece on its own (token-level).
+    tokenize: str = "text"
+    # pieces formats without end_of_turn: what the model learns right after a reply, "next_role" (the
+    # following role token, ChatGLM3) or "eos" (eos in place of the following user token, Baichuan2).
+    # The last reply always learns the eos that ends the sample.
+    reply_end: str | None = None
+    # pieces formats: what the string form (the chat_template) writes before each message's content,
+    # standing for the SentencePiece dummy prefix of the separately encoded content (" " for ChatGLM3).
+    dummy_prefix: str = ""
+    # Marker strings that must be single tokens, with the id the family's own tokenizer gives them
+    # (null: any id). Strings written like <|name|> are found in the prefixes without being listed.
+    special_tokens: dict[str, int | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        gen = self.prompt_for_generation
+        problems = []
+        if not self.assistant_prefix.startswith(gen):
+            problems.append(f"generation_prompt {gen!r} must be a prefix of assistant_prefix "
+                            f"{self.assistant_prefix!r}")
+        if self.end_of_turn and self.end_of_turn not in self.assistant_suffix:
+            problems.append(f"end_of_turn {self.end_of_turn!r} must occur in assistant_suffix "
+                            f"{self.assistant_suffix!r}")
+        if self.tokenize not in ("text", "pieces"):
+            problems.append(f"tokenize: {self.tokenize!r} is not allowed; expected 'text' or 'pieces'")
+        elif self.tokenize == "text":
+            if not self.end_of_turn:
+                problems.append("end_of_turn: required with tokenize: text (the model must learn to stop)")
+            if self.reply_end is not None or self.dummy_prefix:
+                problems.append("reply_end / dummy_prefix: only used with tokenize: pieces")
+        else:
+            if self.tools is not None:
+                problems.append("tools: not supported with tokenize: pieces")
+            if not self.end_of_turn and self.reply_end not in ("next_role", "eos"):
+                problems.append(f"reply_end: expected 'next_role' or 'eos' (there is no end_of_turn), got "
+                                f"{self.reply_end!r}")
+        if self.system_prefix is None and self.default_system is not None:
+            problems.append("default_system needs a system_prefix (system_prefix: null means no system turn)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def prompt_for_generation(self) -> str:
+        return self.assistant_prefix if self.generation_prompt is None else self.generation_prompt
+
+    def marker_tokens(self) -> dict[str, int | None]:
+        """Every special-token string of the format, with its required id (None: any id)."""
+        found: dict[str, int | None] = dict(self.special_tokens)
+        for tok in _MARKER.findall(self._markup()):
+            found.setdefault(tok, None)
+        return found
+
+    def _markup(self) -> str:
+        """Every marker string of the format, concatenated (never message text)."""
+        texts = [self.conversation_prefix, self.system_prefix or "", self.system_suffix, self.user_prefix,
+                 self.user_suffix, self.assistant_prefix, self.assistant_suffix, self.end_of_turn, *self.stop_words]
+        return "\n".join(texts)
+
+    # ---- roles -----------------------------------------------------------------------------------------
+    def check_roles(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str | None:
+        """Why this family cannot express the conversation, or None when it can."""
+        if tools and self.tools is None:
+            return f"the sample gives tools, but template '{self.name}' has no tool format{_tool_hint()}"
+        for i, msg in enumerate(messages, 1):
+            role = msg.get("role")
+            if (role == "tool" or msg.get("tool_calls")) and self.tools is None:
+                what = "a tool result" if role == "tool" else "an assistant tool call"
+                return f"message {i} is {what}, but template '{self.name}' has no tool format{_tool_hint()}"
+            if role not in ROLES:
+                return f"message {i} has role '{role}', which template '{self.name}' cannot express"
+            if role == "system" and self.system_prefix is None:
+                return (f"message {i} is a system turn, but template '{self.name}' has no system turn; "
+                        "put its text into the first user message, or use a template with one")
+            if role == "system" and i > 1 and not self.system_anywhere:
+                return f"message {i} is a system turn; template '{self.name}' allows a system turn only first"
+        if tools and self.system_prefix is None:
+            return f"template '{self.name}' has no system turn to hold the tool definitions"
+        return None
+
+    def turns(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> list[Turn]:
+        """The conversation as turns: the system turn (given, default, or with the tools), then the rest."""
+        problem = self.check_roles(messages, tools)
+        if problem:
+            raise UserError(problem)
+        out: list[Turn] = []
+        rest = messages
+        system = self.default_system
+        if messages and messages[0]["role"] == "system":
+            system, rest = self._content(messages[0]), messages[1:]
+        if tools and self.tools is not None:
+            system = (system or "") + self.tools.system_text(tools)
+        if system is not None and self.system_prefix is not None:
+            out.append(Turn("system", self.system_prefix, system, self.system_suffix))
+        i = 0
+        while i < len(rest):
+            msg, role = rest[i], rest[i]["role"]
+            if role == "tool" and self.tools is not None:
+                results = []
+                while i < len(rest) and rest[i]["role"] == "tool":
+                    results.append(substitute(self.tools.response, {"content": self._content(rest[i])}))
+                    i += 1
+                tf = self.tools
+                out.append(Turn("tool", tf.response_turn_prefix, tf.separator.join(results), tf.response_turn_suffix))
+                continue
+            body = self._content(msg)
+            if role == "assistant" and msg.get("tool_calls") and self.tools is not None:
+                body = self.tools.body(body, msg["tool_calls"])
+            out.append(Turn(role, getattr(self, f"{role}_prefix"), body, getattr(self, f"{role}_suffix")))
+            i += 1
+        return out
+
+    def _content(self, msg: dict[str, Any]) -> str:
+        content = msg.get("content") or ""
+        return content.strip() if self.strip_content else content
+
+    @staticmethod
+    def fill(text: str, bos: str, eos: str) -> str:
+        return text.replace("{bos_token}", bos).replace("{eos_token}", eos)
+
+    # ---- the string form (text tokenization, the chat_template, --dry-run) --------------------------------
+    def render_spans(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                     bos_token: str = "", eos_token: str = "",
+                     tools: list[Any] | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation as text and the character spans to train (one per assistant turn)."""
+        fill = lambda s: self.fill(s, bos_token, eos_token)  # noqa: E731
+        gen, eot = fill(self.prompt_for_generation), fill(self.end_of_turn)
+        parts: list[str] = [fill(self.conversation_prefix)]
+        spans: list[tuple[int, int]] = []
+        pos = len(parts[0])
+        for turn in self.turns(messages, tools):
+            prefix, suffix = fill(turn.prefix), fill(turn.suffix)
+            text = prefix + (self.dummy_prefix if turn.role != "tool" else "") + turn.body + suffix
+            if turn.role == "assistant":
+                cut = suffix.index(eot) + len(eot) if eot else len(suffix)
+                spans.append((pos + len(gen), pos + len(text) - len(suffix) + cut))
+            parts.append(text)
+            pos += len(text)
+        if add_generation_prompt:
+            parts.append(gen)
+        return "".join(parts), spans
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               bos_token: str = "", eos_token: str = "", tools: list[Any] | None = None) -> str:
+        return self.render_spans(messages, add_generation_prompt, bos_token, eos_token, tools)[0]
+
+    # ---- training and inference ids --------------------------------------------------------------------
+    def encode(self, tokenizer: Any, messages: list[dict[str, Any]], mask_history: bool = False,
+               tools: list[Any] | None = None) -> tuple[list[int], list[int]]:
+        """Token ids of the whole conversation and labels that train the assistant replies (-100 elsewhere)."""
+        if self.tokenize == "pieces":
+            from self_model.core.template_tokens import encode_pieces
+
+            return encode_pieces(self, tokenizer, messages, mask_history=mask_history)
+        text, spans = self.render_spans(messages, False, tokenizer.bos_token or "", tokenizer.eos_token or "", tools)
+        if mask_history:
+            spans = spans[-1:]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids: list[int] = list(enc["input_ids"])
+        labels = [IGNORE_INDEX] * len(ids)
+        span_index = 0
+        for i, (start, end) in enumerate(enc["offset_mapping"]):
+            while span_index < len(spans) and start >= spans[span_index][1]:
+                span_index += 1
+            if span_index == len(spans):
+                break
+            span_start, span_end = spans[span_index]
+            # A token belongs to the reply when it starts inside the span (a byte-level BPE token may
+            # carry the space that opens a reply, as in DeepSeek's "Assistant: reply").
+            if span_start <= start < span_end or (start < span_start < end):
+                labels[i] = ids[i]
+        return ids, labels
+
+    def prompt_ids(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> list[int]:
+        """The ids an inference prompt holds: the conversation so far and the generation prompt."""
+        if self.tokenize == "pieces":
+            from self_model.core.template_tokens import encode_pieces
+
+            return encode_pieces(self, tokenizer, messages, add_generation_prompt=True)[0]
+        text = self.render(messages, True, tokenizer.bos_token or "", tokenizer.eos_token or "", tools)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def to_jinja(self) -> str:
+        """A Jinja chat_template that renders exactly what `render` renders."""
+        from self_model.core.template_jinja import to_jinja
+
+        return to_jinja(self)
+
+    def apply_to_tokenizer(self, tokenizer: Any) -> None:
+        tokenizer.chat_template = self.to_jinja()
+
+    def stop_strings(self) -> list[str]:
+        return [s for s in [self.end_of_turn, *self.stop_words] if s]
+
+    def stop_token_ids(self, tokenizer: Any) -> list[int]:
+        """Ids generation must stop on: the end-of-turn token(s) and the tokenizer's eos."""
+        ids: list[int] = []
+        for text in self.stop_strings() + ([tokenizer.eos_token] if tokenizer.eos_token else []):
+            text = self.fill(text, tokenizer.bos_token or "", tokenizer.eos_token or "")
+            tok_id = self.special_tokens.get(text) or tokenizer.convert_tokens_to_ids(text)
+            if tok_id is not None and tok_id != tokenizer.unk_token_id and tok_id not in ids:
+                ids.append(tok_id)
+        return ids
+
+    def special_token_ids(self, tokenizer: Any) -> dict[str, int]:
+        """The id of every marker token in this tokenizer; raise when one is missing or has the wrong id."""
+        found: dict[str, int] = {}
+        missing, wrong = [], []
+        vocab = tokenizer.get_vocab()
+        for tok, want in self.marker_tokens().items():
+            if self.tokenize == "pieces":  # the official code looks ids up; the text is never tokenized
+                got = [vocab[tok]] if tok in vocab else []
+            else:  # the rendered text must give the marker back as one token
+                got = list(tokenizer(tok, add_special_tokens=False)["input_ids"])
+            if len(got) != 1:
+                missing.append(tok)
+            elif want is not None and got[0] != want:
+                wrong.append(f"{tok} is id {got[0]}, the {self.name} tokenizer has it at {want}")
+            else:
+                found[tok] = got[0]
+        needs = {"{bos_token}": tokenizer.bos_token, "{eos_token}": tokenizer.eos_token}
+        absent = [k.strip("{}") for k, v in needs.items() if k in self._markup() and not v]
+        if self.tokenize == "pieces" and tokenizer.eos_token_id is None:
+            absent.append("eos_token (every sample ends with it)")
+        if missing or wrong or absent:
+            lines = [f"the tokenizer does not fit template '{self.name}':"]
+            if missing:
+                lines.append(f"  it lacks the special tokens {missing} (each would be split into ordinary pieces "
+                             "and the model would never learn the format)")
+            lines += [f"  {w}" for w in wrong]
+            if absent:
+                lines.append(f"  it has no {' / '.join(absent)}, which the template writes")
+            lines.append("Use the tokenizer of the model family this template is for, or pick the matching "
+                         f"template (shipped: {', '.join(available_templates())}).")
+            raise UserError("\n".join(lines))
+        return found
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Fail when the tokenizer lacks a special token of this format (it would be split into pieces)."""
+        self.special_token_ids(tokenizer)
+
+
+# ---- loading and registry --------------------------------------------------------------------------------
+_FIELDS = {f.name: f for f in dataclasses.fields(ChatTemplate)}
+_TOOL_FIELDS = [f.name for f in dataclasses.fields(ToolFormat)]
+_NULLABLE = {"system_prefix", "generation_prompt", "default_system", "reply_end", "tools"}
+_BOOLS = {"strip_content", "system_anywhere"}
+
+
+def _tool_hint() -> str:
+    with_tools = [name for name in available_templates() if get_template(name).tools is not None]
+    return f" (templates with tools: {with_tools}); remove the tool turns or switch template"
+
+
+def available_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.json"))
+
+
+def _type_problem(key: str, value: Any) -> str | None:
+    if value is None:
+        return None if key in _NULLABLE else f"{key}: must not be null"
+    if key in _BOOLS:
+        ok = isinstance(value, bool)
+    elif key == "stop_words":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif key == "special_tokens":
+        ok = isinstance(value, dict) and all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                                             for v in value.values())
+    elif key == "tools":
+        ok = isinstance(value, dict)
+    else:
+        ok = isinstance(value, str)
+    expected = {"stop_words": "a list of strings", "special_tokens": "a mapping of token to id (or null)",
+                "tools": "a mapping (see the README)"}.get(key, "true or false" if key in _BOOLS else "a string")
+    return None if ok else f"{key}: expected {expected}, got {value!r}"
+
+
+def template_from_dict(data: dict[str, Any], source: str) -> ChatTemplate:
+    problems = []
+    for key in data:
+        if key not in _FIELDS:
+            problems.append(f"{key}: unknown template field{did_you_mean(key, _FIELDS)}")
+    for name, f in _FIELDS.items():
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{name}: required template field is missing")
+    problems += [p for key, value in data.items() if key in _FIELDS and (p := _type_problem(key, value))]
+    tools = data.get("tools")
+    if isinstance(tools, dict):
+        problems += [f"tools.{k}: unknown field{did_you_mean(k, _TOOL_FIELDS)}"
+                     for k in tools if k not in _TOOL_FIELDS]
+        problems += [f"tools.{k}: required field is missing" for k in _TOOL_FIELDS if k not in tools]
+        problems += [f"tools.{k}: expected a string, got {v!r}" for k, v in tools.items() if not isinstance(v, str)]
+    if problems:
+        raise ConfigError(problems + ["(the template schema is documented in self_model/template/README.md)"],
+                          source=source)
+    try:
+        values = dict(data)
+        if isinstance(tools, dict):
+            values["tools"] = ToolFormat(**tools)
+        return ChatTemplate(**values)
+    except ValueError as exc:
+        raise ConfigError([str(exc)], source=source) from None
+
+
+def load_template(path: str | Path) -> ChatTemplate:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"template_path: file not found: {path} (shipped templates: {available_templates()})"])
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{path}:{exc.lineno}: not valid JSON: {exc.msg}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a JSON object of template fields"])
+    data.setdefault("name", path.stem)
+    return template_from_dict(data, str(path))
+
+
+def get_template(name: str) -> ChatTemplate:
+    known = available_templates()
+    if name not in known:
+        raise ConfigError([f"template: unknown template '{name}'{did_you_mean(name, known)}; shipped: {known}"])
+    return load_template(TEMPLATE_DIR / f"{name}.json")

@@ -1,0 +1,193 @@
+"""What every training stage shares: backend arguments, the run folder, metrics, and saving the result.
+
+Run folder (`training_args.output_dir`):
+    run_config.yaml     the resolved config, secrets removed
+    run_info.json       git commit, library versions, command line, data report
+    checkpoint-N/       written by the trainer during training
+    final/              only after training succeeded: weights or adapter, tokenizer with its
+                        chat_template, generation_config, template JSON; its presence marks a finished run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, is_dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from self_model.core.config import ConfigError, redact, to_plain
+from self_model.core.errors import UserError
+from self_model.core.modeling import pick_precision
+from self_model.core.template import ChatTemplate
+
+logger = logging.getLogger("self_model")
+
+FINAL_DIR = "final"
+LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",
+             "wandb", "swanlab", "verl")
+
+
+def build_training_args(training_args: dict[str, Any], args_cls: type, defaults: dict[str, Any] | None = None,
+                        report_to: list[str] | None = None) -> Any:
+    """Instantiate the backend's arguments class from the YAML section (already checked)."""
+    values = dict(defaults or {})
+    values.update(training_args)
+    values.pop("resume_from_checkpoint", None)  # handled by prepare_output_dir
+    pick_precision(values)
+    values["report_to"] = report_to or []
+    try:
+        return args_cls(**values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError([f"training_args: {args_cls.__name__} rejected the values: {exc}"]) from None
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---- the run folder ------------------------------------------------------------------------------------
+def prepare_output_dir(output_dir: str | Path, resume: str | bool | None) -> str | None:
+    """Refuse to overwrite a finished or unfinished run unless asked to resume; return the checkpoint to resume."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(output_dir)
+    if (out / FINAL_DIR).exists():
+        raise UserError(f"{out} holds a finished run ({out / FINAL_DIR} exists); it is never overwritten. "
+                        f"Choose another training_args.output_dir (e.g. training_args.output_dir={out}-2).")
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if resume in (None, False, ""):
+        if last:
+            raise UserError(f"{out} holds checkpoints of an unfinished run (last: {last}). Continue it with "
+                            "training_args.resume_from_checkpoint=auto, or choose another training_args.output_dir.")
+        return None
+    if resume in ("auto", True):
+        if last is None:
+            logger.info("resume_from_checkpoint: auto found no checkpoint in %s; starting from scratch", out)
+        else:
+            logger.info("resuming from %s", last)
+        return last
+    if not Path(str(resume)).is_dir():
+        raise UserError(f"training_args.resume_from_checkpoint: no such checkpoint folder: {resume}")
+    return str(resume)
+
+
+def library_versions() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_info(output_dir: str | Path, cfg: Any, extra: dict[str, Any] | None = None) -> None:
+    """Everything needed to rerun: the resolved config (secrets removed), commit, versions, command line."""
+    if not is_main_process():
+        return
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plain = redact(to_plain(cfg))
+    (out / "run_config.yaml").write_text(yaml.safe_dump(plain, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    info = {"git_commit": git_commit(), "versions": library_versions(), "python": sys.version.split()[0],
+            "command": redact_argv(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(extra or {})}
+    (out / "run_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] + "=***" if "api_key" in a.lower() or "token=" in a.lower() else a for a in argv]
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+class MetricsMixin:
+    """Adds tokens/s (non-padding tokens) to training logs and perplexity to evaluation logs."""
+
+    _last_tokens: int = 0
+    _last_time: float | None = None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # type: ignore[override]
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        elif "loss" in logs:
+            now, tokens = time.perf_counter(), self.state.num_input_tokens_seen  # type: ignore[attr-defined]
+            if self._last_time is not None and now > self._last_time:
+                logs["tokens_per_second"] = round((tokens - self._last_tokens) / (now - self._last_time), 1)
+            self._last_time, self._last_tokens = now, tokens
+        super().log(logs, start_time)  # type: ignore[misc]
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._last_time = time.perf_counter()
+        return super().train(*args, **kwargs)  # type: ignore[misc]
+
+
+# ---- saving the result ---------------------------------------------------------------------------------
+def save_final(trainer: Any, tokenizer: Any, template: ChatTemplate | None, cfg: Any,
+               extra_files: dict[str, Any] | None = None) -> Path:
+    """Write final/ atomically (final.tmp then rename), so a crash never leaves something that looks finished."""
+    out = Path(trainer.args.output_dir)
+    tmp, final = out / (FINAL_DIR + ".tmp"), out / FINAL_DIR
+    if trainer.is_world_process_zero() and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.model.config.use_cache = True  # turned off for training; generation wants it back
+    trainer.save_model(str(tmp))  # every rank takes part (DeepSpeed ZeRO-3 gathers); only rank 0 writes
+    if trainer.is_world_process_zero():
+        if template is not None:
+            template.apply_to_tokenizer(tokenizer)
+            (tmp / "chat_template_source.json").write_text(
+                json.dumps(asdict(template), indent=2, ensure_ascii=False), encoding="utf-8")
+        tokenizer.save_pretrained(str(tmp))
+        save_generation_config(trainer.model, tokenizer, template, tmp)
+        plain = redact(to_plain(cfg))
+        (tmp / "run_config.yaml").write_text(yaml.safe_dump(plain, allow_unicode=True, sort_keys=False),
+                                             encoding="utf-8")
+        for name, payload in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
+        shutil.copy(out / "run_info.json", tmp / "run_info.json") if (out / "run_info.json").exists() else None
+        tmp.rename(final)
+    if trainer.accelerator.num_processes > 1:
+        trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def save_generation_config(model: Any, tokenizer: Any, template: ChatTemplate | None, folder: Path) -> None:
+    """A generation config whose eos ids include the template's end-of-turn token(s)."""
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    gen = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
+    stop = template.stop_token_ids(tokenizer) if template is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
+        stop.append(tokenizer.eos_token_id)
+    gen.eos_token_id = stop if len(stop) > 1 else (stop[0] if stop else None)
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.bos_token_id = tokenizer.bos_token_id
+    gen.save_pretrained(str(folder))
+
+
+def logged_losses(trainer: Any) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def dataclass_dict(obj: Any) -> dict[str, Any]:
+    return asdict(obj) if is_dataclass(obj) else dict(obj)

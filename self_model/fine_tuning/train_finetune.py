@@ -1,0 +1,57 @@
+"""Supervised fine-tuning (full, LoRA or QLoRA) from one YAML.
+
+    uv run python self_model/fine_tuning/train_finetune.py --config config/self_model_config/finetune.yaml
+    uv run python self_model/fine_tuning/train_finetune.py --config ... --trace swanlab
+    uv run python self_model/fine_tuning/train_finetune.py --config ... --dry-run training_args.learning_rate=1.0e-4
+    torchrun --nproc_per_node 2 self_model/fine_tuning/train_finetune.py --config ...
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from self_model.core.cli import run_main
+from self_model.core.data import first_prompt
+from self_model.core.errors import UserError
+from self_model.core.finetune import build_sft_trainer, load_model_for_training, print_plan, sft_training_args
+from self_model.core.inference import chat
+from self_model.core.modeling import load_tokenizer, resolve_template
+from self_model.core.schema import FinetuneConfig
+from self_model.core.sft import build_sft_dataset
+from self_model.core.training import is_main_process, logged_losses, prepare_output_dir, save_final, write_run_info
+
+logger = logging.getLogger("self_model")
+
+
+def main(cfg: FinetuneConfig, dry_run: bool = False) -> Path | None:
+    args = sft_training_args(cfg)
+    resume = None if dry_run else prepare_output_dir(args.output_dir, cfg.training_args.get("resume_from_checkpoint"))
+    tokenizer = load_tokenizer(cfg)
+    template = resolve_template(cfg, tokenizer)
+    train, report = build_sft_dataset(cfg.data.train_file, tokenizer, template, cfg.data, cfg.data.max_samples)
+    eval_, eval_report = (build_sft_dataset(cfg.data.eval_file, tokenizer, template, cfg.data)
+                          if cfg.data.eval_file else (None, None))
+    logger.info("train data: %s", report.summary())
+    if dry_run:
+        print_plan(cfg, args, tokenizer, template, train, report, eval_report)
+        return None
+
+    model = load_model_for_training(cfg, tokenizer, args)
+    trainer = build_sft_trainer(cfg, model, tokenizer, args, train, eval_)
+    write_run_info(args.output_dir, cfg, {"train_data": report.summary()})
+    trainer.train(resume_from_checkpoint=resume)
+    losses = logged_losses(trainer)
+    if losses and not all(math.isfinite(x) for x in losses):
+        raise UserError(f"training diverged (loss {losses[-1]}); no final/ was written. Lower the learning rate.")
+    final = save_final(trainer, tokenizer, template, cfg, {"data_report.json": report.summary()})
+    if is_main_process():
+        prompt = first_prompt(cfg.data.eval_file or cfg.data.train_file)
+        answer = chat(trainer.model, tokenizer, prompt)
+        print(f"\nfine-tuned model saved to {final}\n\nQ: {prompt[-1]['content']}\nA: {answer}")
+    return final
+
+
+if __name__ == "__main__":
+    run_main(main, FinetuneConfig, __doc__)
