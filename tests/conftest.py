@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -100,3 +101,64 @@ def clean_dir(tmp_path: Path) -> Path:
         shutil.rmtree(out)
     out.mkdir()
     return out
+
+
+@pytest.fixture(scope="session")
+def pretrain_yaml() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "config" / "self_model_config" / "pretrain.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def pretrain_config(tiny_model_dir: Path, pretrain_yaml: dict[str, Any], tmp_path: Path):
+    """Build a PretrainConfig from the shipped YAML pointed at the tiny model, a temp output dir and a temp cache."""
+    from self_model.core.config import load_config
+    from self_model.core.schema import PretrainConfig
+
+    def make(overrides: dict[str, Any] | None = None, **sections: Any) -> PretrainConfig:
+        data = copy.deepcopy(pretrain_yaml)
+        data["model_name_or_path"] = str(tiny_model_dir)
+        data["tokenizer_name_or_path"] = str(tiny_model_dir)
+        data["data"].update(train_file=str(SAMPLE_DIR / "pretrain.txt"),
+                            eval_file=str(SAMPLE_DIR / "pretrain_eval.txt"), cache_dir=str(tmp_path / "cache"))
+        data["training_args"].update(output_dir=str(tmp_path / "run"), max_steps=4, logging_steps=1, save_steps=2,
+                                     eval_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                                     disable_tqdm=True)
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key].update(value)
+            else:
+                data[key] = value
+        return load_config(PretrainConfig, None, [f"{k}={v}" for k, v in (overrides or {}).items()], data=data)
+
+    return make
+
+
+# ---- the commands a user types, as subprocesses -----------------------------------------------------------
+EMBEDDED_MODEL = "self_model/checkpoints/tiny_qwen2"
+
+
+def run_command(args: list[str], timeout: int = 900, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a command from the repository root, offline, the way a user would (args[0] 'python' = this one)."""
+    import subprocess
+
+    if args and args[0] == "python":
+        args = [sys.executable, *args[1:]]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env})
+
+
+def free_port() -> str:
+    """A free TCP port for torchrun's rendezvous: fixed ports collide when two test runs share a machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> str:
+    """The README builds the tiny model at this fixed path (the shipped YAMLs point there)."""
+    result = run_command(["python", "self_model/tools/make_tiny_model.py", "--output", EMBEDDED_MODEL])
+    assert result.returncode == 0, result.stderr
+    return EMBEDDED_MODEL

@@ -4,36 +4,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import free_port, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "self_model/fine_tuning/train_finetune.py"
 CONFIG = "config/self_model_config/finetune.yaml"
-TINY = "self_model/checkpoints/tiny_qwen2"
 
 
-def run(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env})
-
-
-@pytest.fixture(scope="module")
-def embedded_model() -> str:
-    """The README builds the tiny model at this fixed path (the shipped YAML points there)."""
-    result = run([sys.executable, "self_model/tools/make_tiny_model.py", "--output", TINY])
-    assert result.returncode == 0, result.stderr
-    return TINY
 
 
 def test_readme_first_command(embedded_model: str, tmp_path: Path) -> None:
     """The README's first command, with the output folder moved out of the checkout."""
     out = tmp_path / "finetune"
-    result = run([sys.executable, SCRIPT, "--config", CONFIG, f"training_args.output_dir={out}"])
+    result = run_command([sys.executable, SCRIPT, "--config", CONFIG, f"training_args.output_dir={out}"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"fine-tuned model saved to {out}/final" in result.stdout
     assert "\nQ: " in result.stdout and "\nA: " in result.stdout
@@ -43,7 +29,7 @@ def test_readme_first_command(embedded_model: str, tmp_path: Path) -> None:
     assert losses and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert (out / "final" / "adapter_model.safetensors").is_file()
     # Running it again never overwrites the finished run.
-    again = run([sys.executable, SCRIPT, "--config", CONFIG, f"training_args.output_dir={out}"])
+    again = run_command([sys.executable, SCRIPT, "--config", CONFIG, f"training_args.output_dir={out}"])
     assert again.returncode != 0 and "holds a finished run" in again.stderr
 
 
@@ -51,7 +37,8 @@ def test_typo_in_yaml_is_named_with_its_fix(tmp_path: Path) -> None:
     config = tmp_path / "typo.yaml"
     text = (ROOT / CONFIG).read_text().replace("lora_alpha:", "lora_alpah:").replace("learning_rate:", "learnig_rate:")
     config.write_text(text)
-    result = run([sys.executable, SCRIPT, "--config", str(config), f"training_args.output_dir={tmp_path / 'o'}"])
+    result = run_command([sys.executable, SCRIPT, "--config", str(config),
+                          f"training_args.output_dir={tmp_path / 'o'}"])
     assert result.returncode == 2
     assert f"config error in {config}" in result.stderr
     assert "peft.lora_alpah: unknown key (did you mean 'lora_alpha'?)" in result.stderr
@@ -63,7 +50,7 @@ def test_typo_in_yaml_is_named_with_its_fix(tmp_path: Path) -> None:
 
 def test_dry_run_prints_plan_and_marked_sample(embedded_model: str, tmp_path: Path) -> None:
     out = tmp_path / "dry"
-    result = run([sys.executable, SCRIPT, "--config", CONFIG, "--dry-run", f"training_args.output_dir={out}"])
+    result = run_command([sys.executable, SCRIPT, "--config", CONFIG, "--dry-run", f"training_args.output_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
     assert "dry run: nothing is trained" in text and "trainable" in text and "samples per optimizer step" in text
@@ -76,7 +63,7 @@ def test_bad_data_exits_nonzero_with_file_and_line(embedded_model: str, tmp_path
     bad.write_text('{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}\n'
                    '{"conversations": [{"from": "human", "value": "only a question"}]}\n')
     out = tmp_path / "run"
-    result = run([sys.executable, SCRIPT, "--config", CONFIG, f"data.train_file={bad}",
+    result = run_command([sys.executable, SCRIPT, "--config", CONFIG, f"data.train_file={bad}",
                   f"training_args.output_dir={out}"])
     assert result.returncode != 0
     assert f"{bad}:2: the conversation does not end with an assistant turn" in result.stderr
@@ -85,10 +72,12 @@ def test_bad_data_exits_nonzero_with_file_and_line(embedded_model: str, tmp_path
 
 def test_torchrun_two_processes(embedded_model: str, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                  SCRIPT, "--config", CONFIG, f"training_args.output_dir={out}", "training_args.max_steps=4",
-                  "training_args.per_device_train_batch_size=2", "training_args.gradient_accumulation_steps=1"],
-                 timeout=900, OMP_NUM_THREADS="1")
+    result = run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", free_port(),
+                          SCRIPT, "--config", CONFIG, f"training_args.output_dir={out}", "training_args.max_steps=4",
+                          "training_args.per_device_train_batch_size=2",
+                          "training_args.gradient_accumulation_steps=1"],
+                         timeout=900, OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "final" / "adapter_model.safetensors").is_file()
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())

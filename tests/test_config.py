@@ -137,3 +137,10 @@ def test_bad_yaml_syntax_names_the_line(tmp_path: Path) -> None:
 def test_redact_hides_secrets() -> None:
     out = redact({"api_key": "sk-123", "nested": {"hub_token": "hf_x", "project": "p"}, "empty_token": None})
     assert out == {"api_key": "***", "nested": {"hub_token": "***", "project": "p"}, "empty_token": None}
+
+
+def test_yaml_no_for_a_strategy_means_the_string_no(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = {"model_name_or_path": str(tiny_model_dir), "data": {"train_file": __file__},
+            "training_args": {"output_dir": str(tmp_path), "eval_strategy": False, "save_strategy": "steps"}}
+    cfg = load_config(FinetuneConfig, None, data=data)
+    assert cfg.training_args["eval_strategy"] == "no" and cfg.training_args["save_strategy"] == "steps"

@@ -146,9 +146,13 @@ def test_tokenizer_without_template_tokens_is_refused() -> None:
     assert AutoTokenizer  # imported for parity with real use; the check needs only get_vocab
 
 
-def test_packed_and_unpacked_logits_agree(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
-    """Padding-free packing keeps samples apart: each sample's logits equal those of an unpacked run."""
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_varlen"])
+def test_packed_and_unpacked_logits_agree(tiny_model_dir: Path, tiny_tokenizer: Any, attention: str) -> None:
+    """Padding-free packing keeps samples apart: each sample's logits equal those of an unpacked run, both
+    with SDPA's block-diagonal mask and with per-document attention (what packed training uses)."""
     from transformers import AutoModelForCausalLM
+
+    from self_model.core.attention import restore_sdpa, use_varlen_attention
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     model.config.use_cache = False
@@ -157,10 +161,15 @@ def test_packed_and_unpacked_logits_agree(tiny_model_dir: Path, tiny_tokenizer: 
     features = [dataset[i] for i in range(3)]
     packed = make_collator(tiny_tokenizer, packing=True)(features)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["cu_seq_lens_q"].tolist()[-1] == packed["input_ids"].shape[1]
     padded = make_collator(tiny_tokenizer, packing=False)(features)
     with torch.no_grad():
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
         padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        if attention == "sdpa_varlen":
+            assert use_varlen_attention(model)
+        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+        restore_sdpa(model)
+        assert model.config._attn_implementation == "sdpa"
     start = 0
     for i, f in enumerate(features):
         n = len(f["input_ids"])
@@ -173,3 +182,41 @@ def test_packed_and_unpacked_logits_agree(tiny_model_dir: Path, tiny_tokenizer: 
         leaky = model(input_ids=packed["input_ids"]).logits[0]
     n0 = len(features[0]["input_ids"])
     assert not torch.allclose(leaky[n0:n0 + 5], packed_logits[n0:n0 + 5], atol=1e-3)
+
+
+def test_parallel_tokenization_matches_serial(tiny_tokenizer: Any) -> None:
+    serial_cfg = SFTDataConfig(train_file=str(SAMPLES / "sft_train.jsonl"), max_length=64)
+    parallel_cfg = SFTDataConfig(train_file=str(SAMPLES / "sft_train.jsonl"), max_length=64, num_proc=2)
+    serial, serial_report = build_sft_dataset(serial_cfg.train_file, tiny_tokenizer, QWEN, serial_cfg)
+    parallel, parallel_report = build_sft_dataset(parallel_cfg.train_file, tiny_tokenizer, QWEN, parallel_cfg)
+    assert serial["input_ids"] == parallel["input_ids"] and serial["labels"] == parallel["labels"]
+    assert serial_report.summary() == parallel_report.summary() and serial_report.truncated > 0
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_trained_logits_only_gives_the_same_loss_and_gradients(tiny_model_dir: Path, tiny_tokenizer: Any,
+                                                               packing: bool) -> None:
+    """Computing the LM head only at trained positions changes the cost, not the loss or its gradient."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    data = SFTDataConfig(train_file=str(SAMPLES / "sft_train.jsonl"), max_length=256)
+    dataset, _ = build_sft_dataset(data.train_file, tiny_tokenizer, QWEN, data, limit=4)
+    features = [dataset[i] for i in range(4)]
+    full = make_collator(tiny_tokenizer, packing)(features)
+    lean = make_collator(tiny_tokenizer, packing, trained_logits_only=True)(features)
+    n_trained = int((full["labels"] != IGNORE_INDEX).sum())
+    assert lean["logits_to_keep"].numel() < full["input_ids"].shape[1]  # fewer logits computed
+    assert int((lean["shift_labels"] != IGNORE_INDEX).sum()) == n_trained
+
+    def loss_and_grad(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        out = model(**batch, num_items_in_batch=torch.tensor(n_trained))
+        out.loss.backward()
+        return out.loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    loss_full, grad_full = loss_and_grad(full)
+    loss_lean, grad_lean = loss_and_grad(lean)
+    torch.testing.assert_close(loss_lean, loss_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_lean, grad_full, atol=1e-6, rtol=1e-4)

@@ -24,6 +24,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from self_model.core.data import load_conversations
 from self_model.core.errors import ConfigError, DataError, UserError
+from self_model.core.sft import render_marked
 from self_model.core.template import IGNORE_INDEX, ChatTemplate, available_templates, get_template, load_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,6 +370,8 @@ def test_baichuan2_follows_official_recipe(baichuan: Any, conversation: str) -> 
     expected_labels[first_user] = IGNORE_INDEX
     assert labels == expected_labels
     assert labels[-1] == baichuan.eos_token_id and ids.count(baichuan.eos_token_id) == 1
+    # --dry-run shows where a reply learns eos in place of the next user token
+    assert render_marked(baichuan, ids, labels).count("[[<reserved_106>→</s>]]") == len(replies(messages)) - 1
     for i in replies(messages):
         assert template.prompt_ids(baichuan, messages[:i]) == baichuan2_chat_input(baichuan, messages[:i])
     assert template.stop_token_ids(baichuan) == [baichuan.eos_token_id]
@@ -516,11 +519,14 @@ def test_roles_a_family_cannot_express() -> None:
 
 def test_data_with_turns_the_template_cannot_express_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "tools.jsonl"
-    path.write_text(json.dumps({"messages": TOOL_CONVERSATION, "tools": TOOLS}, ensure_ascii=False) + "\n")
+    rows = [{"messages": TOOL_CONVERSATION, "tools": TOOLS}, {"messages": TOOL_CONVERSATION}]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     with pytest.raises(DataError) as exc:
         load_conversations(str(path), check=get_template("llama3_instruct").check_roles)
-    assert f"{path}:1: message 3 is an assistant tool call" in str(exc.value)
-    assert load_conversations(str(path), check=get_template("qwen2_chatml").check_roles)[0]["tools"] == TOOLS
+    assert f"{path}:1: the sample gives tools, but template 'llama3_instruct' has no tool format" in str(exc.value)
+    assert f"{path}:2: message 3 is an assistant tool call" in str(exc.value)
+    samples = load_conversations(str(path), check=get_template("qwen2_chatml").check_roles)
+    assert samples[0]["tools"] == TOOLS and "tools" not in samples[1]
 
 
 def test_tokenizer_without_the_family_special_tokens(qwen: Any, llama: Any, glm: Any, baichuan: Any) -> None:
@@ -552,21 +558,22 @@ def test_finetuned_model_saves_a_chat_template_that_reproduces_its_training_prom
     from self_model.fine_tuning.train_finetune import main
 
     if family == "qwen2_chatml":  # the embedded default model: a ChatML tokenizer of its own
-        model_dir = tiny_model_dir
-    else:
-        tok = request.getfixturevalue(TOKENIZER_OF[family])
-        model_dir = tmp_path / "base"
-        tok.save_pretrained(model_dir)
+        model_dir = tokenizer_dir = tiny_model_dir
+    else:  # a tiny Qwen2-architecture model sized to the family's tokenizer, which is kept in its own folder
+        # DeepSeek's format needs only bos and eos: the small Baichuan2-like tokenizer keeps the model tiny
+        tok = request.getfixturevalue(dict(TOKENIZER_OF, deepseek_chat="baichuan")[family])
+        model_dir, tokenizer_dir = tmp_path / "base", tmp_path / "tokenizer"
+        tok.save_pretrained(tokenizer_dir)
         build_model(len(tok), hidden=32, layers=2, seed=0).save_pretrained(model_dir)
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in E2E_DATA * 2))
     cfg = sft_config({"training_args.max_steps": 2}, model_name_or_path=str(model_dir),
-                     tokenizer_name_or_path=str(model_dir), template_path=None, template=family,
+                     tokenizer_name_or_path=str(tokenizer_dir), template_path=None, template=family,
                      data={"train_file": str(train), "eval_file": None})
     final = main(cfg)
 
     template = get_template(family)
-    trained_tok = AutoTokenizer.from_pretrained(model_dir)
+    trained_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     saved = AutoTokenizer.from_pretrained(final)
     assert saved.chat_template == template.to_jinja()
     for messages in E2E_DATA:

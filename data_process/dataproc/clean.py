@@ -15,11 +15,12 @@ _DELETE = {cp: None for cp in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20
                                0x200B, 0x2060, 0xFEFF]}
 _TRAILING_SPACE = re.compile(r"[ \t\u00a0\u3000]+(?=\n)")
 _BLANK_LINES = re.compile(r"\n{3,}")
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df]")
-_LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
-_LETTER = re.compile(r"[^\W\d_]")
+_HAN_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df"
+_HAN = re.compile(f"[{_HAN_RANGES}]")
+_OTHER_WORD = re.compile(f"[^\\W\\d_{_HAN_RANGES}]+")  # a run of letters of any script but Han
+_LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
 
-RULES = ("empty", "too_short", "too_long", "language")
+RULES = ("empty", "identical_replies", "too_short", "too_long", "language")
 
 
 def clean_text(text: str, cfg: ProcessConfig) -> str:
@@ -30,17 +31,23 @@ def clean_text(text: str, cfg: ProcessConfig) -> str:
     if cfg.normalize_whitespace:
         # Runs of spaces inside a line are kept on purpose: they are code indentation and table layout.
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-        text = _BLANK_LINES.sub("\n\n", _TRAILING_SPACE.sub("", text)).strip()
+        if "\n" in text:  # the regexes stop at every space: skip them for single-line text (most of it)
+            text = _BLANK_LINES.sub("\n\n", _TRAILING_SPACE.sub("", text))
+        text = text.strip()
     return text
 
 
 def script_ratio(text: str, lang: str) -> float:
-    """Share of the letters in `text` that belong to the script of `lang` (Han for zh, Latin for en)."""
-    letters = _LETTER.subn("", text)[1]
-    if not letters:
+    """Share of the words of `text` written in the script of `lang` (Han for zh, Latin for en).
+
+    A Han character counts as one word, like a run of letters in any other script: counting characters
+    would let one English term outweigh a Chinese sentence ("高血压 (hypertension)" is Chinese).
+    """
+    han = _HAN.subn("", text)[1]
+    words = han + _OTHER_WORD.subn("", text)[1]
+    if not words:
         return 0.0
-    pattern = _HAN if lang == "zh" else _LATIN
-    return pattern.subn("", text)[1] / letters
+    return (han if lang == "zh" else _LATIN_WORD.subn("", text)[1]) / words
 
 
 def check_sample(record: dict[str, Any], cfg: ProcessConfig) -> tuple[str, str] | None:
@@ -48,6 +55,9 @@ def check_sample(record: dict[str, Any], cfg: ProcessConfig) -> tuple[str, str] 
     empty = empty_field(record)
     if empty:
         return "empty", f"{empty} is empty after cleaning"
+    if "chosen" in record and record["chosen"] == record["rejected"]:
+        # A pair with the same reply on both sides teaches DPO nothing, and train_dpo.py refuses it.
+        return "identical_replies", "'chosen' and 'rejected' are the same after cleaning"
     text = content(record)
     if len(text) < cfg.min_chars:
         return "too_short", f"{len(text)} characters < min_chars {cfg.min_chars}"
@@ -56,7 +66,7 @@ def check_sample(record: dict[str, Any], cfg: ProcessConfig) -> tuple[str, str] 
     if cfg.lang:
         ratio = script_ratio(text, cfg.lang)
         if ratio < cfg.lang_min_ratio:
-            return "language", f"{ratio:.0%} of the letters are {cfg.lang} script < lang_min_ratio {cfg.lang_min_ratio}"
+            return "language", f"{ratio:.0%} of the words are {cfg.lang} script < lang_min_ratio {cfg.lang_min_ratio}"
     return None
 
 

@@ -4,7 +4,7 @@
 |---|---|---|---|
 | text | `text` (or `--text_field`), or a .txt line | `{"text": str}` | train_pretrain.py |
 | sharegpt / messages / alpaca | see self_model.core.data | `{"messages": [{"role", "content"}]}` | train_finetune.py |
-| preference | `chosen` + `rejected` + a prompt | `{"messages": [prompt turns], "chosen": str, "rejected": str}` | train_dpo.py |
+| preference | `chosen`, `rejected`, prompt | `{"messages": [prompt], "chosen": str, "rejected": str}` | train_dpo.py |
 | qa | `question` + `answer` | `{"question": str, "answer": str}` | GRPO / PPO |
 
 The chat converters are the ones the trainers use (self_model.core.data), so what this tool accepts is

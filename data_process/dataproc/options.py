@@ -24,10 +24,11 @@ FORMATS = ("text", "sharegpt", "messages", "alpaca", "preference", "qa")
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 
-def _opt(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's keyword
+def _opt(default: Any, help_text: str) -> Any:
+    """A field with its --help text: the command-line flags are made from these fields."""
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
@@ -52,16 +53,17 @@ class ProcessConfig:
     min_chars: int = _opt(5, "drop samples whose content is shorter (characters, after cleaning)")
     max_chars: int = _opt(100_000, "drop samples whose content is longer")
     lang: Literal["zh", "en"] | None = _opt(None, "keep only samples in this language (zh or en)")
-    lang_min_ratio: float = _opt(0.5, "share of the sample's letters that must be in that script")
+    lang_min_ratio: float = _opt(0.5, "share of the sample's words in that script (a Han character counts as a word)")
     # Deduplication.
     dedup: bool = _opt(False, "remove exact duplicates (same content after cleaning, case and spacing ignored)")
     near_dedup: bool = _opt(False, "remove near duplicates with MinHash + LSH")
     ngram: int = _opt(5, "shingle size for near_dedup, in units of ngram_unit")
-    ngram_unit: Literal["auto", "char", "word"] = _opt("auto", "auto: characters for Chinese/Japanese text, words "
-                                                               "otherwise")
+    ngram_unit: Literal["auto", "char", "word"] = _opt("auto", "auto: characters for CJK text (30% or more of it), "
+                                                               "words otherwise")
     num_perm: int = _opt(128, "MinHash permutations (signature length)")
     threshold: float = _opt(0.8, "Jaccard similarity at which two samples count as near duplicates")
-    bands: int | None = _opt(None, "LSH bands (with rows); default: chosen from threshold and num_perm")
+    bands: int | None = _opt(None, "LSH bands (with rows); default: chosen from threshold and num_perm, favouring "
+                                   "recall (candidates are verified)")
     rows: int | None = _opt(None, "LSH rows per band (with bands)")
     # Split.
     val_ratio: float = _opt(0.05, "share of the kept samples written to validation.jsonl (0: no validation file)")
@@ -71,7 +73,7 @@ class ProcessConfig:
     keep_rejected: bool = _opt(False, "write every removed row to rejected.jsonl with the reason")
     max_examples: int = _opt(5, "rejected rows shown per rule and duplicate clusters shown in the report")
     # Performance.
-    num_proc: int | None = _opt(None, "worker processes (default: all cores)")
+    num_proc: int | None = _opt(None, "worker processes (null: all cores)")
     batch_size: int = _opt(1000, "rows per worker task")
 
     def validate(self) -> list[str]:
@@ -118,7 +120,10 @@ class ProcessConfig:
 
     @property
     def workers(self) -> int:
-        return self.num_proc or os.cpu_count() or 1
+        if self.num_proc:
+            return self.num_proc
+        # The cores this process may use (a container or taskset can allow fewer than the machine has).
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -129,7 +134,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(ProcessConfig)
     for f in dataclasses.fields(ProcessConfig):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")  # argparse formats %
         if hints[f.name] is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name == "input":

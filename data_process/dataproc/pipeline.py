@@ -4,7 +4,7 @@ Pass 1 streams batches of raw rows to worker processes and appends what comes ba
 stage file of cleaned canonical rows plus a few fixed-width numbers per row (a 128-bit content hash, the
 length, the MinHash signature on disk). Duplicates are then decided from those numbers alone, and pass 2
 streams the stage file once more into train / validation. Memory grows with the number of rows (about
-40 bytes each, plus 8 per LSH band), never with their text.
+100 bytes each, plus 8 per LSH band during near dedup), never with their text.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import os
 import shutil
 import tempfile
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -26,7 +28,7 @@ import numpy as np
 
 from data_process.dataproc import report as reporting
 from data_process.dataproc.dedup import NearDuplicates, exact_representatives, near_duplicates
-from data_process.dataproc.minhash import optimal_bands
+from data_process.dataproc.minhash import candidate_bands
 from data_process.dataproc.normalize import KIND_OF, content
 from data_process.dataproc.options import ProcessConfig
 from data_process.dataproc.readers import Inputs, Item, expand_inputs, iter_batches
@@ -45,7 +47,7 @@ class Collected:
     inputs: Inputs
     kind: str | None = None
     rows_ok: int = 0
-    offsets: list[int] = field(default_factory=lambda: [0])
+    offsets: array = field(default_factory=lambda: array("q", [0]))  # byte offset of each stage row
     files: list[np.ndarray] = field(default_factory=list)
     numbers: list[np.ndarray] = field(default_factory=list)
     keys: list[np.ndarray] = field(default_factory=list)
@@ -69,23 +71,22 @@ def check_output_dir(cfg: ProcessConfig) -> None:
 def run(cfg: ProcessConfig) -> dict[str, Any]:
     """Process `cfg.input` into `cfg.out_dir`; returns the report. Raises UserError / DataError."""
     check_output_dir(cfg)
-    tokenizer = reporting.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    tokenizer = reporting.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None  # a bad path fails first
     inputs = expand_inputs(cfg.inputs)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".process_data-", dir=cfg.output_dir))
     try:
         started = time.perf_counter()
-        with open(work / "rejected.jsonl", "w", encoding="utf-8") if cfg.keep_rejected else _null() as rejected:
+        with open(work / "rejected.jsonl", "w", encoding="utf-8") if cfg.keep_rejected else nullcontext() as rejected:
             collected = collect(cfg, inputs, work, rejected)
             read_s = time.perf_counter() - started
             _check_collected(cfg, collected)
-            result = write_split(cfg, collected, work, rejected, tokenizer)
-        result["timing"] = {"read_clean_s": round(read_s, 2),
-                            "dedup_split_s": round(time.perf_counter() - started - read_s, 2),
-                            "workers": cfg.workers}
-        report = reporting.build(cfg, collected, result)
-        reporting.write(work, report, result["lengths"])
-        if not result["kept"]:
+            outcome = write_split(cfg, collected, work, rejected, tokenizer)
+        outcome.timing = {"read_clean_s": round(read_s, 2), "workers": cfg.workers,
+                          "dedup_split_s": round(time.perf_counter() - started - read_s, 2)}
+        report = reporting.build(cfg, collected, outcome)
+        reporting.write(work, report, {"chars": outcome.chars, "tokens": outcome.tokens})
+        if not outcome.kept:
             raise UserError("no rows left after cleaning and deduplication; nothing was written:\n"
                             + reporting.markdown(report))
         _publish(work, cfg)
@@ -94,30 +95,31 @@ def run(cfg: ProcessConfig) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _results(cfg: ProcessConfig, batches: Iterable[list[Item]]) -> Iterator[BatchResult]:
-    """Batch results in input order; at most 2 batches per worker in flight, so a huge file never piles up."""
+@contextmanager
+def _workers(cfg: ProcessConfig) -> Iterator[Any]:
+    """A process pool (forked before any progress-bar thread exists), or None to work in this process."""
     if cfg.workers == 1:
         init_worker(cfg)
-        yield from map(process_batch, batches)
+        yield None
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
     with ctx.Pool(cfg.workers, initializer=init_worker, initargs=(cfg,)) as pool:
-        pending: deque[Any] = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(process_batch, (batch,)))
-            if len(pending) >= 2 * cfg.workers:
-                yield pending.popleft().get()
-        while pending:
+        yield pool
+
+
+def _results(pool: Any, batches: Iterable[list[Item]], window: int) -> Iterator[BatchResult]:
+    """Batch results in input order, with at most `window` batches in flight: a huge file never piles up."""
+    if pool is None:
+        yield from map(process_batch, batches)
+        return
+    pending: deque[Any] = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(process_batch, (batch,)))
+        if len(pending) >= window:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def collect(cfg: ProcessConfig, inputs: Inputs, work: Path, rejected: IO[str] | None) -> Collected:
@@ -125,21 +127,21 @@ def collect(cfg: ProcessConfig, inputs: Inputs, work: Path, rejected: IO[str] | 
     from tqdm.auto import tqdm
 
     out = Collected(inputs)
-    with open(work / "stage.jsonl", "wb") as stage, open(work / "signatures.u32", "wb") as sigs, \
-            tqdm(desc="read + clean", unit=" rows", disable=None) as bar:
-        for result in _results(cfg, iter_batches(inputs, cfg.batch_size)):
-            keep = np.ones(len(result.keys), dtype=bool)
+    with _workers(cfg) as pool, open(work / "stage.jsonl", "wb") as stage, \
+            open(work / "signatures.u32", "wb") as sigs, tqdm(desc="read + clean", unit=" rows", disable=None) as bar:
+        for result in _results(pool, iter_batches(inputs, cfg.batch_size), 2 * cfg.workers):
+            keep = np.ones(len(result.keys), dtype=bool)  # per row that came back ok
             ok_index = 0
             for status in result.rows:
-                is_ok = status.status == OK
+                came_ok = status.status == OK
                 _take_row(cfg, out, status, rejected)
-                if is_ok:
+                if came_ok:
                     if status.status == OK:
                         line = status.payload.encode("utf-8") + b"\n"
                         stage.write(line)
                         out.offsets.append(out.offsets[-1] + len(line))
                     else:
-                        keep[ok_index] = False  # turned malformed: the file mixes formats
+                        keep[ok_index] = False  # turned malformed: its file mixes formats
                     ok_index += 1
             rows = [s for s in result.rows if s.status == OK]
             out.files.append(np.array([s.file for s in rows], dtype=np.int32))
@@ -202,9 +204,40 @@ def _stack(parts: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
     return np.concatenate(parts) if parts else empty
 
 
-def deduplicate(cfg: ProcessConfig, out: Collected, work: Path) -> tuple[np.ndarray, np.ndarray, NearDuplicates | None,
-                                                                          np.ndarray]:
-    """(exact representative, near representative, near result, rows after exact) for every stage row."""
+@dataclass
+class Outcome:
+    """The duplicate decisions and the split, per stage row (row i = line i of work/stage.jsonl)."""
+
+    exact: np.ndarray  # index of the first row with the same content (itself when kept)
+    near_rep: np.ndarray  # index of the row kept for its near-duplicate cluster (itself when kept)
+    near: NearDuplicates | None  # positions in `after_exact`
+    after_exact: np.ndarray
+    files: np.ndarray
+    numbers: np.ndarray
+    stage: Path
+    offsets: array
+    kept: int = 0
+    validation: int = 0
+    chars: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    tokens: np.ndarray | None = None
+    dup_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    def source(self, out: Collected, i: int) -> str:
+        return out.loc(int(self.files[i]), int(self.numbers[i]))
+
+    def removal(self, out: Collected, i: int) -> tuple[str, str] | None:
+        """(rule, reason) when stage row i is a duplicate, else None."""
+        if self.exact[i] != i:
+            return "exact_duplicate", f"duplicate of {self.source(out, self.exact[i])}"
+        if self.near_rep[i] != i and self.near is not None:
+            similarity = self.near.similarity[np.searchsorted(self.after_exact, i)]
+            kept = self.source(out, self.near_rep[i])
+            return "near_duplicate", f"near duplicate of {kept} (estimated Jaccard {similarity:.2f})"
+        return None
+
+
+def deduplicate(cfg: ProcessConfig, out: Collected, work: Path) -> Outcome:
     n = out.rows_ok
     keys = _stack(out.keys, np.empty((0, 2), np.uint64))
     exact = exact_representatives(keys) if cfg.dedup else np.arange(n)
@@ -212,65 +245,54 @@ def deduplicate(cfg: ProcessConfig, out: Collected, work: Path) -> tuple[np.ndar
     near_rep = np.arange(n)
     near = None
     if cfg.near_dedup and n:
-        bands, rows = (cfg.bands, cfg.rows) if cfg.bands and cfg.rows else optimal_bands(cfg.threshold, cfg.num_perm)
+        bands, rows = (cfg.bands, cfg.rows) if cfg.bands and cfg.rows else candidate_bands(cfg.threshold, cfg.num_perm)
         sig = np.memmap(work / "signatures.u32", dtype=np.uint32, mode="r", shape=(n, cfg.num_perm))
         near = near_duplicates(sig, after_exact, bands, rows, cfg.threshold)
         near_rep[after_exact] = after_exact[near.rep]
-    return exact, near_rep, near, after_exact
+    return Outcome(exact, near_rep, near, after_exact, _stack(out.files, np.empty(0, np.int32)),
+                   _stack(out.numbers, np.empty(0, np.int64)), work / "stage.jsonl", out.offsets)
 
 
 def write_split(cfg: ProcessConfig, out: Collected, work: Path, rejected: IO[str] | None,
-                tokenizer: Any) -> dict[str, Any]:
-    """Pass 2: kept rows to train / validation in input order; removed duplicates counted (and kept aside)."""
+                tokenizer: Any) -> Outcome:
+    """Pass 2: kept rows to train / validation in input order; duplicates counted, shown and kept aside."""
     from tqdm.auto import tqdm
 
-    exact, near_rep, near, after_exact = deduplicate(cfg, out, work)
-    n = out.rows_ok
-    index = np.arange(n)
-    kept = np.flatnonzero((exact == index) & (near_rep == index))
-    n_val = _validation_size(len(kept), cfg.val_ratio)
+    result = deduplicate(cfg, out, work)
+    index = np.arange(out.rows_ok)
+    kept = np.flatnonzero((result.exact == index) & (result.near_rep == index))
+    result.kept, result.validation = len(kept), _validation_size(len(kept), cfg.val_ratio)
     is_val = np.zeros(len(kept), dtype=bool)
-    is_val[np.random.default_rng(cfg.seed).permutation(len(kept))[:n_val]] = True
-    files = _stack(out.files, np.empty(0, np.int32))
-    numbers = _stack(out.numbers, np.empty(0, np.int64))
-    locs = {"files": files, "numbers": numbers}
+    is_val[np.random.default_rng(cfg.seed).permutation(len(kept))[: result.validation]] = True
+    result.chars = _stack(out.chars, np.empty(0, np.int64))[kept]
     tokens: list[int] = []
-    pending: list[str] = []
-    dup_examples: dict[str, list[dict[str, Any]]] = {}
+    batch: list[str] = []
     k = 0
-    with open(work / "stage.jsonl", encoding="utf-8") as stage, open(work / "train.jsonl", "w", encoding="utf-8") as \
-            train, open(work / "validation.jsonl", "w", encoding="utf-8") if n_val else _null() as val:
-        for i, line in enumerate(tqdm(stage, total=n, desc="dedup + split", unit=" rows", disable=None)):
-            if exact[i] == i and near_rep[i] == i:
+    with open(result.stage, encoding="utf-8") as stage, open(work / "train.jsonl", "w", encoding="utf-8") as train, \
+            open(work / "validation.jsonl", "w", encoding="utf-8") if result.validation else nullcontext() as val:
+        for i, line in enumerate(tqdm(stage, total=out.rows_ok, desc="dedup + split", unit=" rows", disable=None)):
+            removal = result.removal(out, i)
+            if removal is None:
                 (val if is_val[k] else train).write(line)  # type: ignore[union-attr]
                 k += 1
                 if tokenizer is not None:
-                    pending.append(content(json.loads(line)))
-                    if len(pending) >= 1000:
-                        tokens += reporting.count_tokens(tokenizer, pending)
-                        pending = []
+                    batch.append(content(json.loads(line)))
+                    if len(batch) >= 1000:
+                        tokens += reporting.count_tokens(tokenizer, batch)
+                        batch = []
                 continue
-            rule, rep = ("exact_duplicate", exact[i]) if exact[i] != i else ("near_duplicate", near_rep[i])
-            reason = f"duplicate of {out.loc(files[rep], numbers[rep])}"
-            if rule == "near_duplicate" and near is not None:
-                reason += f" (estimated Jaccard {near.similarity[np.searchsorted(after_exact, i)]:.2f})"
-            shown = dup_examples.setdefault(rule, [])
+            rule, reason = removal
+            record = json.loads(line)
+            shown = result.dup_examples.setdefault(rule, [])
             if len(shown) < cfg.max_examples:
-                shown.append({"source": out.loc(files[i], numbers[i]), "reason": reason,
-                              "row": content(json.loads(line))[:300]})
+                shown.append({"source": result.source(out, i), "reason": reason, "row": content(record)[:300]})
             if rejected is not None:
-                rejected.write(json.dumps({"source": out.loc(files[i], numbers[i]), "step": rule.replace(
-                    "_duplicate", "_dedup"), "rule": rule, "reason": reason, "row": json.loads(line)},
-                    ensure_ascii=False) + "\n")
-    if pending:
-        tokens += reporting.count_tokens(tokenizer, pending)
-    if not n_val:
-        (work / "validation.jsonl").unlink(missing_ok=True)
-    chars = _stack(out.chars, np.empty(0, np.int64))
-    return {"exact": exact, "near": near, "near_rep": near_rep, "after_exact": after_exact, "kept": len(kept),
-            "validation": n_val, "locs": locs, "dup_examples": dup_examples, "stage": work / "stage.jsonl",
-            "offsets": out.offsets, "lengths": {"chars": chars[kept], "tokens": np.array(tokens, np.int64)
-                                                if tokenizer is not None else None}}
+                step = rule.replace("_duplicate", "_dedup")
+                rejected.write(json.dumps({"source": result.source(out, i), "step": step, "rule": rule,
+                                           "reason": reason, "row": record}, ensure_ascii=False) + "\n")
+    if tokenizer is not None:
+        result.tokens = np.array(tokens + (reporting.count_tokens(tokenizer, batch) if batch else []), np.int64)
+    return result
 
 
 def _validation_size(kept: int, ratio: float) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from self_model.core.errors import DataError, UserError
 # An item is (file index, line or row number, kind, payload). kind: "json" (raw line bytes), "row" (a dict
 # already parsed by pyarrow/csv/json), "text" (one line of a .txt file), "error" (a message for this row).
 Item = tuple[int, int, str, Any]
+logger = logging.getLogger("self_model")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
@@ -62,9 +64,12 @@ def expand_inputs(paths: list[str]) -> Inputs:
             files += found
         else:
             files.append(path)
-    seen: set[Path] = set()
-    unique = [p for p in files if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
-    return Inputs([InputFile(p, i) for i, p in enumerate(unique)])
+    unique: dict[Path, Path] = {}
+    for path in files:
+        if path.resolve() in unique:
+            logger.warning("input %s is given twice (also as %s): it is read once", path, unique[path.resolve()])
+        unique.setdefault(path.resolve(), path)
+    return Inputs([InputFile(p, i) for i, p in enumerate(unique.values())])
 
 
 def iter_items(inputs: Inputs) -> Iterator[Item]:
@@ -136,18 +141,28 @@ def _json_array(f: InputFile) -> Iterator[Item]:
 def _csv(f: InputFile) -> Iterator[Item]:
     # surrogateescape keeps undecodable bytes as lone surrogates, so a bad row is found and named by line
     # instead of the whole file failing at an unknown place.
+    csv.field_size_limit(2**31 - 1)  # the default (128 KiB per field) is shorter than many documents
     with f.path.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
+        try:
+            header = reader.fieldnames or []
+        except csv.Error as exc:
+            raise DataError([f"{f.path}:1: not a readable CSV header: {exc}"]) from None
         if any(_has_surrogates(h) for h in header):
             raise DataError([f"{f.path}:1: the header is not UTF-8"], hint="re-encode the file as UTF-8")
         start = 2
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # e.g. a NUL byte: the reader cannot go on past it
+                raise DataError([f"{f.path}:{start}: not readable as CSV: {exc}"]) from None
             f.rows += 1
             if None in row or any(v is None for v in row.values()):
                 yield f.index, start, "error", f"expected {len(header)} columns {header}"
             elif any(_has_surrogates(v) for v in row.values()):
-                yield f.index, start, "error", "not UTF-8"
+                yield f.index, start, "error", "not UTF-8; re-encode the file as UTF-8"
             else:
                 yield f.index, start, "row", row
             start = reader.line_num + 1

@@ -19,12 +19,19 @@ from self_model.core.errors import UserError
 
 if TYPE_CHECKING:
     from data_process.dataproc.options import ProcessConfig
-    from data_process.dataproc.pipeline import Collected
+    from data_process.dataproc.pipeline import Collected, Outcome
 
 MEMBERS_SHOWN = 3
 
 
 def load_tokenizer(name: str) -> Any:
+    """A folder with tokenizer.json is read by the `tokenizers` library directly: the same ids as the
+    transformers wrapper for token counting, without the seconds its import costs. Anything else (a hub
+    id, a slow tokenizer) goes through AutoTokenizer."""
+    if (Path(name) / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(Path(name) / "tokenizer.json"))
     from transformers import AutoTokenizer
 
     try:
@@ -35,7 +42,9 @@ def load_tokenizer(name: str) -> Any:
 
 
 def count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
-    # A batch call: fast tokenizers encode it on all cores.
+    # Batch calls: the Rust tokenizer encodes a batch on all cores.
+    if hasattr(tokenizer, "encode_batch"):
+        return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -48,82 +57,71 @@ def _stats(values: np.ndarray) -> dict[str, Any]:
             "histogram": {"edges": [round(float(e), 1) for e in edges], "counts": counts.tolist()}}
 
 
-def _snippet(result: dict[str, Any], i: int) -> str:
-    with open(result["stage"], "rb") as fh:
-        fh.seek(result["offsets"][i])
+def _snippet(outcome: Outcome, i: int) -> str:
+    with open(outcome.stage, "rb") as fh:
+        fh.seek(outcome.offsets[i])
         return content(json.loads(fh.readline()))[:200]
 
 
-def _clusters(out: Collected, result: dict[str, Any], rep: np.ndarray, limit: int, sims: np.ndarray | None = None,
-              sim_index: np.ndarray | None = None) -> dict[str, Any]:
-    """The largest clusters (a kept row and the rows removed as its duplicates), with text."""
-    locs = result["locs"]
-
-    def source(i: int) -> str:
-        return out.loc(int(locs["files"][i]), int(locs["numbers"][i]))
-
+def _clusters(out: Collected, outcome: Outcome, rep: np.ndarray, limit: int,
+              similarity: np.ndarray | None = None) -> dict[str, Any]:
+    """The largest clusters (the kept row and the rows removed as its duplicates), with their text."""
     removed = np.flatnonzero(rep != np.arange(len(rep)))
     heads, sizes = np.unique(rep[removed], return_counts=True)
     order = np.lexsort((heads, -sizes))[:limit]
     shown = []
     for head, size in zip(heads[order], sizes[order]):
         members = []
-        for m in np.flatnonzero(rep == head):
-            if m == head:
-                continue
-            entry = {"source": source(m), "text": _snippet(result, m)}
-            if sims is not None and sim_index is not None:
-                entry["similarity"] = round(float(sims[np.searchsorted(sim_index, m)]), 3)
+        for m in np.flatnonzero(rep == head)[1: MEMBERS_SHOWN + 1]:  # [0] is the head: the smallest index
+            entry: dict[str, Any] = {"source": outcome.source(out, m), "text": _snippet(outcome, m)}
+            if similarity is not None:
+                entry["similarity"] = round(float(similarity[np.searchsorted(outcome.after_exact, m)]), 3)
             members.append(entry)
-            if len(members) >= MEMBERS_SHOWN:
-                break
-        shown.append({"size": int(size) + 1, "kept": {"source": source(head), "text": _snippet(result, head)},
-                      "removed": members})
+        shown.append({"size": int(size) + 1, "kept": {"source": outcome.source(out, head),
+                                                       "text": _snippet(outcome, head)}, "removed": members})
     return {"clusters": int(len(heads)), "rows_removed": int(len(removed)), "largest": shown}
 
 
-def build(cfg: ProcessConfig, out: Collected, result: dict[str, Any]) -> dict[str, Any]:
+def build(cfg: ProcessConfig, out: Collected, outcome: Outcome) -> dict[str, Any]:
     rows_in = sum(f.rows for f in out.inputs.files)
     n_ok = out.rows_ok
-    index = np.arange(n_ok)
-    exact_removed = int((result["exact"] != index).sum())
-    near = result["near"]
+    exact_removed = int((outcome.exact != np.arange(n_ok)).sum())
+    near = outcome.near
     near_removed = int(near.removed.sum()) if near is not None else 0
-    clean_removed = {rule: out.removed[rule] for rule in RULES}
     after_read = rows_in - out.removed["malformed"]
     steps = [
         {"step": "read", "rows_in": rows_in, "removed": {"malformed": out.removed["malformed"]},
          "rows_out": after_read},
-        {"step": "clean", "rows_in": after_read, "removed": clean_removed, "rows_out": n_ok},
+        {"step": "clean", "rows_in": after_read, "removed": {rule: out.removed[rule] for rule in RULES},
+         "rows_out": n_ok},
         {"step": "exact_dedup", "enabled": cfg.dedup, "rows_in": n_ok, "removed": {"exact_duplicate": exact_removed},
          "rows_out": n_ok - exact_removed},
         {"step": "near_dedup", "enabled": cfg.near_dedup, "rows_in": n_ok - exact_removed,
-         "removed": {"near_duplicate": near_removed}, "rows_out": result["kept"]},
-        {"step": "split", "rows_in": result["kept"], "train": result["kept"] - result["validation"],
-         "validation": result["validation"], "rows_out": result["kept"]},
+         "removed": {"near_duplicate": near_removed}, "rows_out": outcome.kept},
+        {"step": "split", "rows_in": outcome.kept, "train": outcome.kept - outcome.validation,
+         "validation": outcome.validation, "rows_out": outcome.kept},
     ]
-    examples = {**out.examples, **result["dup_examples"]}
+    examples = {**out.examples, **outcome.dup_examples}
     report: dict[str, Any] = {
         "kind": out.kind,
         "inputs": [{"path": str(f.path), "format": f.format, "rows": f.rows, "blank_lines": f.blank_lines}
                    for f in out.inputs.files],
-        "rows_in": rows_in, "rows_out": result["kept"], "steps": steps,
+        "rows_in": rows_in, "rows_out": outcome.kept, "steps": steps,
         "rejected_examples": {rule: rows for rule, rows in examples.items() if rows},
-        "lengths": {"chars": _stats(result["lengths"]["chars"])},
-        "options": dataclasses.asdict(cfg), "timing": result["timing"],
-        "outputs": {name: str(cfg.out_dir / name) for name in _output_names(cfg, result["validation"])},
+        "lengths": {"chars": _stats(outcome.chars)},
+        "options": dataclasses.asdict(cfg), "timing": outcome.timing,
+        "outputs": {name: str(cfg.out_dir / name) for name in _output_names(cfg, outcome.validation)},
     }
-    if result["lengths"]["tokens"] is not None:
-        report["lengths"]["tokens"] = _stats(result["lengths"]["tokens"])
-        report["lengths"]["tokens"]["tokenizer"] = cfg.tokenizer
+    if outcome.tokens is not None:
+        report["lengths"]["tokens"] = {**_stats(outcome.tokens), "tokenizer": cfg.tokenizer}
     if cfg.dedup:
-        report["exact_duplicates"] = _clusters(out, result, result["exact"], cfg.max_examples)
+        report["exact_duplicates"] = _clusters(out, outcome, outcome.exact, cfg.max_examples)
     if near is not None:
         report["near_duplicates"] = {
             "params": {"ngram": cfg.ngram, "ngram_unit": cfg.ngram_unit, "num_perm": cfg.num_perm,
                        "threshold": cfg.threshold, "bands": near.bands, "rows": near.rows},
             "candidate_pairs": near.candidate_pairs, "verified_pairs": near.verified_pairs,
-            **_clusters(out, result, result["near_rep"], cfg.max_examples, near.similarity, result["after_exact"])}
+            **_clusters(out, outcome, outcome.near_rep, cfg.max_examples, near.similarity)}
     return report
 
 

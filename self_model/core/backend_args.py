@@ -43,10 +43,13 @@ def backend_fields(spec: str) -> dict[str, str]:
         raise ImportError(f"cannot find {module}")
     tree = ast.parse(Path(found.origin).read_text(encoding="utf-8"))
     cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls_name), None)
+    # A package __init__ re-exports the class (transformers: under `if TYPE_CHECKING:`): follow that import.
+    package = module if found.submodule_search_locations is not None else module.rsplit(".", 1)[0]
     if cls is None:
+        if origin := _imported_from(ast.Module(body=list(ast.walk(tree)), type_ignores=[]), cls_name, package):
+            return backend_fields(f"{origin}:{cls_name}")
         raise ImportError(f"{module} defines no class {cls_name}")
     fields: dict[str, str] = {}
-    package = module.rsplit(".", 1)[0]
     for base in cls.bases:
         if isinstance(base, ast.Name) and (origin := _imported_from(tree, base.id, package)):
             fields.update(backend_fields(f"{origin}:{base.id}"))
@@ -89,6 +92,12 @@ def check_backend_args(args: dict[str, Any], spec: str, section: str = "training
             errors.append(f"{path}: set by this toolkit; use {reserved[key]} instead")
         elif key not in fields:
             errors.append(f"{path}: unknown {cls_name} argument{did_you_mean(key, fields)}")
+        elif isinstance(value, bool) and "Strategy" in fields[key]:
+            # YAML 1.1 reads `eval_strategy: no` as false; the backend wants the string "no".
+            if value:
+                errors.append(f"{path}: expected one of no / steps / epoch, got true")
+            else:
+                args[key] = "no"
         elif value is not None and (tp := _scalar_type(fields[key])) is not None:
             args[key] = coerce(value, tp, path, errors)
     return errors
@@ -96,3 +105,24 @@ def check_backend_args(args: dict[str, Any], spec: str, section: str = "training
 
 def check_training_args(args: dict[str, Any], spec: str = TRAINING_ARGUMENTS) -> list[str]:
     return check_backend_args(args, spec, "training_args", RENAMED_ARGS, RESERVED_ARGS)
+
+
+@cache
+def compared_strings(module: str, name: str) -> list[str]:
+    """The string constants a backend compares the variable `name` with (`if name == "x": ...`), in source order.
+
+    Some choices are only checked in code (trl's DPO `loss_type`): reading them from the installed source keeps
+    the list true for whatever version is installed, without importing it.
+    """
+    found = importlib.util.find_spec(module)
+    if found is None or not found.origin:
+        raise ImportError(f"cannot find {module}")
+    tree = ast.parse(Path(found.origin).read_text(encoding="utf-8"))
+    values: list[str] = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == name
+                and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq)
+                and isinstance(node.comparators[0], ast.Constant) and isinstance(node.comparators[0].value, str)):
+            if node.comparators[0].value not in values:
+                values.append(node.comparators[0].value)
+    return values

@@ -67,7 +67,9 @@ def coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        if len(options := [a for a in args if a is not type(None)]) == 1:
+            return coerce(value, options[0], path, errors)  # `X | None`: X's own message (a section's keys)
+        for arg in options:
             trial: list[str] = []
             result = coerce(value, arg, path, trial)
             if not trial:

@@ -18,6 +18,7 @@ from typing import Any
 
 from self_model.core.config import did_you_mean
 from self_model.core.errors import DataError, UserError
+from self_model.core.registry import Registry
 
 MAX_SHOWN = 10
 ROLES = ("system", "user", "assistant", "tool")
@@ -42,25 +43,19 @@ class DataFormat:
     example: str
 
 
-_FORMATS: dict[str, DataFormat] = {}
+FORMATS: Registry[DataFormat] = Registry("data format")
 
 
 def register_format(fmt: DataFormat) -> DataFormat:
-    if fmt.name in _FORMATS:
-        raise ValueError(f"data format '{fmt.name}' is already registered")
-    _FORMATS[fmt.name] = fmt
-    return fmt
+    return FORMATS.register(fmt.name, fmt)
 
 
 def known_formats() -> list[str]:
-    return list(_FORMATS)
+    return FORMATS.names()
 
 
 def get_format(name: str) -> DataFormat:
-    if name not in _FORMATS:
-        raise UserError(f"unknown data format '{name}'{did_you_mean(name, _FORMATS)}; "
-                        f"known: {known_formats()} or auto")
-    return _FORMATS[name]
+    return FORMATS.get(name, extra_choices=("auto",))
 
 
 def _text(value: Any, what: str) -> str:
@@ -118,7 +113,7 @@ def _tool_call(call: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
-def _row_tools(row: dict[str, Any]) -> list[Any] | None:
+def row_tools(row: dict[str, Any]) -> list[Any] | None:
     """The row's tool definitions: a list, or a JSON string of one (LLaMA-Factory's ShareGPT `tools`)."""
     tools = row.get("tools")
     if tools in (None, "", []):
@@ -178,10 +173,10 @@ register_format(DataFormat("alpaca", lambda r: "output" in r and ("instruction" 
 
 
 def detect_format(row: dict[str, Any]) -> str:
-    for fmt in _FORMATS.values():
+    for fmt in FORMATS:
         if fmt.detect(row):
             return fmt.name
-    examples = "\n".join(f"    {f.name}: {f.example}" for f in _FORMATS.values())
+    examples = "\n".join(f"    {f.name}: {f.example}" for f in FORMATS)
     raise RowError(f"unrecognised row with keys {sorted(row)}; expected one of:\n{examples}")
 
 
@@ -269,9 +264,9 @@ def load_conversations(paths: str | list[str], fmt: str = "auto",
                     file_format, first_loc = name, loc
                 elif name != file_format:
                     raise RowError(f"row is '{name}' but {first_loc} is '{file_format}'; one file holds one format")
-                messages = _FORMATS[name].convert(row)  # type: ignore[index]
+                messages = FORMATS[name].convert(row)  # type: ignore[index]
                 validate_conversation(messages)
-                tools = _row_tools(row)
+                tools = row_tools(row)
                 if check and (reason := check(messages, tools)):
                     raise RowError(reason)
                 sample = {"messages": messages, "format": name, "source": loc}
@@ -294,7 +289,7 @@ def first_prompt(paths: str | list[str]) -> list[dict[str, Any]]:
     path = paths if isinstance(paths, str) else paths[0]
     for _, row in iter_rows(path):
         if isinstance(row, dict):
-            messages = _FORMATS[detect_format(row)].convert(row)
+            messages = FORMATS[detect_format(row)].convert(row)
             first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
             return messages[:first_reply]
     raise UserError(f"{path}: no rows")

@@ -8,9 +8,16 @@ from typing import Any
 
 import torch
 
-from self_model.core.modeling import apply_peft, check_vocab, count_parameters, load_causal_lm
+from self_model.core.attention import use_varlen_attention
+from self_model.core.modeling import apply_peft, check_vocab, count_parameters, init_deepspeed_comm, load_causal_lm
 from self_model.core.schema import FinetuneConfig, StageConfig
-from self_model.core.sft import TokenizeReport, encode_with_template, make_collator, render_marked
+from self_model.core.sft import (
+    TokenizeReport,
+    accepts_logits_to_keep,
+    encode_with_template,
+    make_collator,
+    render_marked,
+)
 from self_model.core.template import ChatTemplate
 from self_model.core.tracking import setup_tracking
 from self_model.core.training import MetricsMixin, build_training_args
@@ -41,12 +48,15 @@ def sft_training_args(cfg: FinetuneConfig) -> Any:
 
 def load_model_for_training(cfg: StageConfig, tokenizer: Any, args: Any) -> Any:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    init_deepspeed_comm(args)
     model = load_causal_lm(cfg, dtype)
     check_vocab(model, tokenizer)
     if args.gradient_checkpointing and not cfg.peft.qlora:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.peft.enabled:
             model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
+    if cfg.data.packing and use_varlen_attention(model):
+        logger.info("packing: per-document attention (sdpa_varlen) keeps the packed samples apart")
     model = apply_peft(model, cfg.peft, gradient_checkpointing=args.gradient_checkpointing)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -61,7 +71,8 @@ def build_sft_trainer(cfg: FinetuneConfig, model: Any, tokenizer: Any, args: Any
 
     args.report_to, callbacks = setup_tracking(cfg.trace, args.output_dir, args.run_name)
     return SFTRunTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_,
-                         data_collator=make_collator(tokenizer, cfg.data.packing), processing_class=tokenizer,
+                         data_collator=make_collator(tokenizer, cfg.data.packing, accepts_logits_to_keep(model)),
+                         processing_class=tokenizer,
                          callbacks=callbacks)
 
 

@@ -74,6 +74,19 @@ def quantization_config(peft: PeftConfig, compute_dtype: torch.dtype) -> Any:
                               bnb_4bit_use_double_quant=peft.double_quant, bnb_4bit_compute_dtype=compute_dtype)
 
 
+def init_deepspeed_comm(args: Any) -> None:
+    """Call before loading a model under DeepSpeed. ZeRO-3 partitions the weights while they load
+    (`deepspeed.zero.Init`), which needs DeepSpeed's own process group: accelerate starts it on GPUs, but for CPU
+    processes it starts only torch's (gloo), and ZeRO-3 would then count one process and fail its batch check."""
+    if not getattr(args, "deepspeed", None) or args.world_size <= 1:  # world_size starts torch.distributed
+        return
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing group
+
+
 def load_causal_lm(cfg: StageConfig, dtype: torch.dtype, model_path: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -86,6 +99,12 @@ def load_causal_lm(cfg: StageConfig, dtype: torch.dtype, model_path: str | None 
     except (OSError, ValueError) as exc:
         raise UserError(f"model_name_or_path: cannot load a causal LM from '{path}': {exc}") from None
     model.config.use_cache = False  # training: a KV cache only costs memory (and disables packed masks)
+    if cfg.peft.qlora and not torch.cuda.is_available():
+        # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout on the first
+        # eval-mode forward (evaluation, DPO reference scoring), after which a training forward fails.
+        for module in model.modules():
+            if getattr(module, "support_avx512bf16_for_cpu", False):
+                module.support_avx512bf16_for_cpu = False
     return model
 
 
@@ -111,23 +130,50 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 
-def apply_peft(model: Any, peft: PeftConfig, gradient_checkpointing: bool = False) -> Any:
-    """Wrap the model with a LoRA adapter (QLoRA when the base is 4-bit); a no-op for full fine-tuning."""
+def apply_peft(model: Any, peft: PeftConfig, gradient_checkpointing: bool = False,
+               task_type: str | None = "CAUSAL_LM") -> Any:
+    """Wrap the model with a LoRA adapter (QLoRA when the base is 4-bit); a no-op for full fine-tuning.
+
+    `task_type=None` wraps any model (e.g. a masked LM). When `modules_to_save` holds the input embeddings of a
+    model with tied input/output embeddings, peft is asked to keep the two tied (one trained copy, not two).
+    """
     if not peft.enabled:
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
+    check_target_modules(model, peft)
+    if peft.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return get_peft_model(model, lora_config(model, peft, task_type))
+
+
+def check_target_modules(model: Any, peft: PeftConfig) -> None:
     if isinstance(peft.target_modules, list):
         available = linear_module_names(model)
         missing = [m for m in peft.target_modules if m not in available]
         if missing:
             raise UserError(f"peft.target_modules: {missing} are not linear layers of this model; "
                             f"available: {available} (or use all-linear)")
-    if peft.qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    lora = LoraConfig(r=peft.lora_r, lora_alpha=peft.lora_alpha, lora_dropout=peft.lora_dropout,
-                      target_modules=peft.target_modules, modules_to_save=peft.modules_to_save, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+
+
+def lora_config(model: Any, peft: PeftConfig, task_type: str | None = "CAUSAL_LM") -> Any:
+    """The peft `LoraConfig` for the `peft:` section (for trainers that wrap the model themselves, like trl's)."""
+    from peft import LoraConfig
+
+    extra: dict[str, Any] = {}
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    embedding = module_name(model, model.get_input_embeddings()).rsplit(".", 1)[-1]
+    if tied and any(m.rsplit(".", 1)[-1] == embedding for m in peft.modules_to_save or []) and \
+            "ensure_weight_tying" in LoraConfig.__dataclass_fields__:
+        extra["ensure_weight_tying"] = True
+    return LoraConfig(r=peft.lora_r, lora_alpha=peft.lora_alpha, lora_dropout=peft.lora_dropout,
+                      target_modules=peft.target_modules, task_type=task_type, **extra,
+                      modules_to_save=list(peft.modules_to_save) if peft.modules_to_save else None)
+
+
+def module_name(model: Any, module: Any) -> str:
+    """The dotted name of `module` inside `model` ('' when it is not there)."""
+    return next((name for name, mod in model.named_modules() if mod is module), "")
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

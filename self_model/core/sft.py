@@ -154,7 +154,30 @@ class PaddingCollator:
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
-def make_collator(tokenizer: Any, packing: bool) -> Any:
+class TrainedLogitsOnly:
+    """Wraps a collator so the model computes LM-head logits only where a label is trained.
+
+    Prompt, system and padding positions never enter the loss, yet the LM head (hidden x vocabulary, the
+    largest matmul of a small model and a large share of a big one) and its logits would be computed for
+    them. The batch gets `logits_to_keep` (the positions whose next token is trained, in any row) and the
+    matching `shift_labels`; transformers' causal-LM loss uses them as they are and the Trainer counts
+    `shift_labels` for its token-level loss normalization, so the loss value is unchanged.
+    """
+
+    def __init__(self, collator: Any):
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(features)
+        labels = batch["labels"]
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+        batch["logits_to_keep"] = keep
+        batch["shift_labels"] = shifted[:, keep].contiguous()
+        return batch
+
+
+def make_collator(tokenizer: Any, packing: bool, trained_logits_only: bool = False) -> Any:
     """Packing: transformers' DataCollatorWithFlattening concatenates the batch into one row with positions
     restarting at 0 for each sample and no attention mask; the model then builds a block-diagonal causal
     mask from the positions, so samples never attend to each other, and the first label of every sample is
@@ -162,8 +185,21 @@ def make_collator(tokenizer: Any, packing: bool) -> Any:
     if packing:
         from transformers import DataCollatorWithFlattening
 
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-    return PaddingCollator(tokenizer.pad_token_id)
+        # The sample boundaries (cu_seq_lens_*) let per-document attention skip the block-diagonal mask.
+        collator: Any = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                                   return_flash_attn_kwargs=True)
+    else:
+        collator = PaddingCollator(tokenizer.pad_token_id)
+    return TrainedLogitsOnly(collator) if trained_logits_only else collator
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward takes a tensor of positions (transformers' own causal LMs do; remote
+    code such as ChatGLM3's may not)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def render_marked(tokenizer: Any, ids: list[int], labels: list[int], open_mark: str = "[[",

@@ -29,6 +29,8 @@ IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
 # Marker strings written like <|name|> are special tokens; others are declared in `special_tokens`.
 _MARKER = re.compile(r"<\|[^|<>\s]+\|>")
+
+
 @dataclass(frozen=True)
 class Turn:
     """One rendered turn: markup around a body (tool calls and grouped tool results already written out)."""
@@ -275,28 +277,29 @@ class ChatTemplate:
     def special_token_ids(self, tokenizer: Any) -> dict[str, int]:
         """The id of every marker token in this tokenizer; raise when one is missing or has the wrong id."""
         found: dict[str, int] = {}
-        missing, wrong = [], []
+        missing, split, wrong = [], [], []
         vocab = tokenizer.get_vocab()
         for tok, want in self.marker_tokens().items():
-            if self.tokenize == "pieces":  # the official code looks ids up; the text is never tokenized
-                got = [vocab[tok]] if tok in vocab else []
-            else:  # the rendered text must give the marker back as one token
-                got = list(tokenizer(tok, add_special_tokens=False)["input_ids"])
-            if len(got) != 1:
+            if tok not in vocab:
                 missing.append(tok)
-            elif want is not None and got[0] != want:
-                wrong.append(f"{tok} is id {got[0]}, the {self.name} tokenizer has it at {want}")
+            elif self.tokenize == "text" and tokenizer(tok, add_special_tokens=False)["input_ids"] != [vocab[tok]]:
+                split.append(tok)  # in the vocabulary, but rendered text would not give it back as one token
+            elif want is not None and vocab[tok] != want:
+                wrong.append(f"{tok} is id {vocab[tok]}, the {self.name} tokenizer has it at {want}")
             else:
-                found[tok] = got[0]
-        needs = {"{bos_token}": tokenizer.bos_token, "{eos_token}": tokenizer.eos_token}
-        absent = [k.strip("{}") for k, v in needs.items() if k in self._markup() and not v]
-        if self.tokenize == "pieces" and tokenizer.eos_token_id is None:
+                found[tok] = vocab[tok]
+        absent = [name for name in ("bos_token", "eos_token")
+                  if "{" + name + "}" in self._markup() and not getattr(tokenizer, name, None)]
+        if self.tokenize == "pieces" and getattr(tokenizer, "eos_token_id", None) is None:
             absent.append("eos_token (every sample ends with it)")
-        if missing or wrong or absent:
+        if missing or split or wrong or absent:
             lines = [f"the tokenizer does not fit template '{self.name}':"]
             if missing:
                 lines.append(f"  it lacks the special tokens {missing} (each would be split into ordinary pieces "
                              "and the model would never learn the format)")
+            if split:
+                lines.append(f"  it has {split} in its vocabulary but splits them in text: add them as special "
+                             "tokens (tokenizer.add_special_tokens) so the rendered prompt keeps them whole")
             lines += [f"  {w}" for w in wrong]
             if absent:
                 lines.append(f"  it has no {' / '.join(absent)}, which the template writes")

@@ -49,7 +49,6 @@ def _raise(message: str) -> str:
 
 def to_jinja(t: ChatTemplate) -> str:
     trim = " | trim" if t.strip_content else ""
-    dummy = f"{expr(t.dummy_prefix)} + " if t.dummy_prefix else ""
 
     def content(msg: str = "message") -> str:
         return f"({msg}['content'] or ''){trim}"
@@ -58,7 +57,8 @@ def to_jinja(t: ChatTemplate) -> str:
         prefix = getattr(t, f"{role}_prefix")
         if prefix is None:
             return _raise(f"template {t.name} has no system turn")
-        return out(f"{expr(prefix)} + {dummy}{body} + {expr(getattr(t, f'{role}_suffix'))}")
+        parts = [expr(prefix), expr(t.dummy_prefix), body, expr(getattr(t, f"{role}_suffix"))]
+        return out(" + ".join(p for p in parts if p != "''"))
 
     default = json.dumps(t.default_system, ensure_ascii=False) if t.default_system is not None else "none"
     no_tools = _raise(f"template {t.name} has no tool format")
@@ -126,4 +126,5 @@ def to_jinja(t: ChatTemplate) -> str:
         tag("endfor"),
         tag("if add_generation_prompt"), out(expr(t.prompt_for_generation)), tag("endif"),
     ]
-    return "".join(lines)
+    # every tag strips the whitespace around it, so one tag a line renders the same as one long line
+    return "\n".join(lines)

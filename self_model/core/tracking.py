@@ -75,8 +75,9 @@ def _setup_wandb(output_dir: str, run_name: str) -> list[str]:
     if cfg.entity:
         os.environ["WANDB_ENTITY"] = cfg.entity
     os.environ["WANDB_MODE"] = mode
-    os.environ.setdefault("WANDB_DIR", output_dir)
-    os.environ.setdefault("WANDB_NAME", run_name)
+    # The run's own folder, not a leftover of an earlier run in this process.
+    os.environ["WANDB_DIR"] = output_dir
+    os.environ["WANDB_NAME"] = run_name
     logger.info("tracking with wandb: project=%s mode=%s dir=%s", cfg.project, mode, os.environ["WANDB_DIR"])
     return ["wandb"]
 
@@ -99,3 +100,14 @@ def _setup_swanlab(output_dir: str, run_name: str) -> Any:
     logger.info("tracking with swanlab: project=%s mode=%s log_dir=%s", cfg.project, mode, log_dir)
     return SwanLabCallback(project=cfg.project, workspace=cfg.workspace, experiment_name=run_name, mode=mode,
                            log_dir=log_dir)
+
+
+def finish_tracking(trace: str) -> None:
+    """Close the tracker's run so a later run in the same process starts a new one in its own folder."""
+    if trace == "wandb":
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+        # wandb caches its settings (the run folder among them) per process until torn down.
+        wandb.teardown()

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from self_model.core.attention import restore_sdpa
 from self_model.core.config import ConfigError, redact, to_plain
 from self_model.core.errors import UserError
 from self_model.core.modeling import pick_precision
@@ -125,10 +126,13 @@ class MetricsMixin:
 
     _last_tokens: int = 0
     _last_time: float | None = None
+    # Perplexity is exp(eval loss) only for a language-model loss; a DPO trainer sets this to False.
+    log_perplexity: bool = True
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # type: ignore[override]
         if "eval_loss" in logs:
-            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            if self.log_perplexity:
+                logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         elif "loss" in logs:
             now, tokens = time.perf_counter(), self.state.num_input_tokens_seen  # type: ignore[attr-defined]
             if self._last_time is not None and now > self._last_time:
@@ -150,6 +154,7 @@ def save_final(trainer: Any, tokenizer: Any, template: ChatTemplate | None, cfg:
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
     trainer.model.config.use_cache = True  # turned off for training; generation wants it back
+    restore_sdpa(trainer.model)
     trainer.save_model(str(tmp))  # every rank takes part (DeepSpeed ZeRO-3 gathers); only rank 0 writes
     if trainer.is_world_process_zero():
         if template is not None:
@@ -191,3 +196,15 @@ def logged_losses(trainer: Any) -> list[float]:
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:
     return asdict(obj) if is_dataclass(obj) else dict(obj)
+
+
+def train_checked(trainer: Any, resume: str | None, trace: str, hint: str = "Lower the learning rate.") -> list[float]:
+    """Train, close the tracker's run, and refuse to go on to final/ when a logged loss is not finite."""
+    from self_model.core.tracking import finish_tracking
+
+    trainer.train(resume_from_checkpoint=resume)
+    finish_tracking(trace)
+    losses = logged_losses(trainer)
+    if losses and not all(math.isfinite(x) for x in losses):
+        raise UserError(f"training diverged (loss {losses[-1]}); no final/ was written. {hint}")
+    return losses

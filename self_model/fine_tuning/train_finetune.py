@@ -9,18 +9,16 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from self_model.core.cli import run_main
 from self_model.core.data import first_prompt
-from self_model.core.errors import UserError
 from self_model.core.finetune import build_sft_trainer, load_model_for_training, print_plan, sft_training_args
 from self_model.core.inference import chat
 from self_model.core.modeling import load_tokenizer, resolve_template
 from self_model.core.schema import FinetuneConfig
 from self_model.core.sft import build_sft_dataset
-from self_model.core.training import is_main_process, logged_losses, prepare_output_dir, save_final, write_run_info
+from self_model.core.training import is_main_process, prepare_output_dir, save_final, train_checked, write_run_info
 
 logger = logging.getLogger("self_model")
 
@@ -41,10 +39,7 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> Path | None:
     model = load_model_for_training(cfg, tokenizer, args)
     trainer = build_sft_trainer(cfg, model, tokenizer, args, train, eval_)
     write_run_info(args.output_dir, cfg, {"train_data": report.summary()})
-    trainer.train(resume_from_checkpoint=resume)
-    losses = logged_losses(trainer)
-    if losses and not all(math.isfinite(x) for x in losses):
-        raise UserError(f"training diverged (loss {losses[-1]}); no final/ was written. Lower the learning rate.")
+    train_checked(trainer, resume, cfg.trace)
     final = save_final(trainer, tokenizer, template, cfg, {"data_report.json": report.summary()})
     if is_main_process():
         prompt = first_prompt(cfg.data.eval_file or cfg.data.train_file)

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "self_model" / "tools"))
 
 SYSTEMS = {
     "trl_defaults": "TRL SFTTrainer as a user writes it: messages rows, its defaults (gradient checkpointing, "
-                    "loss on prompt + reply, chunked loss with entropy/accuracy), but fp32",
+    "loss on prompt + reply, chunked loss with entropy/accuracy), but fp32",
     "trl_tuned": "TRL, no gradient checkpointing, prompt/completion rows, completion-only loss",
     "trl_packed": "trl_tuned + BFD padding-free packing (documents kept apart)",
     "ours": "self_model SFT, data.packing: false",
@@ -100,8 +100,9 @@ class Probe:
     """Counts what the collator hands the model and times the training loop, identically for both trainers."""
 
     def __init__(self, profile: bool = False):
-        self.batches: list[tuple[int, int]] = []  # (non-padding tokens, trained tokens) per collated batch
-        self.start = self.end = 0.0
+        # (non-padding tokens, trained tokens, tokens with padding) per collated batch
+        self.batches: list[tuple[int, int, int]] = []
+        self.start = self.end = self.cpu_start = self.cpu_end = 0.0
         self.profiler = cProfile.Profile() if profile else None
 
     def attach(self, trainer: Any) -> Any:
@@ -111,19 +112,20 @@ class Probe:
 
         def counted(features: list[dict[str, Any]]) -> dict[str, Any]:
             batch = collate(features)
-            probe.batches.append((sum(len(f["input_ids"]) for f in features), int((batch["labels"] != -100).sum())))
+            real = sum(len(f["input_ids"]) for f in features)
+            probe.batches.append((real, int((batch["labels"] != -100).sum()), batch["input_ids"].numel()))
             return batch
 
         class Timer(TrainerCallback):
             def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-                probe.start = time.perf_counter()
+                probe.start, probe.cpu_start = time.perf_counter(), time.process_time()
                 if probe.profiler:
                     probe.profiler.enable()
 
             def on_train_end(self, *args: Any, **kwargs: Any) -> None:
                 if probe.profiler:
                     probe.profiler.disable()
-                probe.end = time.perf_counter()
+                probe.end, probe.cpu_end = time.perf_counter(), time.process_time()
 
         trainer.data_collator = counted
         trainer.add_callback(Timer())
@@ -133,38 +135,64 @@ class Probe:
         steps = trainer.state.global_step
         used = self.batches[:steps]  # the dataloader may collate one batch ahead of the last step
         tokens, trained = sum(b[0] for b in used), sum(b[1] for b in used)
-        seconds = self.end - self.start
-        losses = [e.get("loss", e.get("train_loss")) for e in trainer.state.log_history
-                  if "loss" in e or "train_loss" in e]
+        seconds, cpu_seconds = self.end - self.start, self.cpu_end - self.cpu_start
+        losses = [
+            e.get("loss", e.get("train_loss")) for e in trainer.state.log_history if "loss" in e or "train_loss" in e
+        ]
         base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        return {"steps": steps, "train_seconds": round(seconds, 3), "tokens": tokens, "trained_tokens": trained,
-                "tokens_per_second": round(tokens / seconds, 1), "tokens_per_step": tokens / max(steps, 1),
-                "trained_per_step": trained / max(steps, 1), "final_loss": float(losses[-1]),
-                "params": sum(p.numel() for p in base.parameters()),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        return {
+            "steps": steps,
+            "train_seconds": round(seconds, 3),
+            "tokens": tokens,
+            "trained_tokens": trained,
+            "tokens_per_second": round(tokens / seconds, 1),
+            "cpu_seconds": round(cpu_seconds, 3),
+            "load_avg": round(os.getloadavg()[0], 2),
+            "tokens_per_step": tokens / max(steps, 1),
+            "trained_per_step": trained / max(steps, 1),
+            "padded_per_step": sum(b[2] for b in used) / max(steps, 1),
+            "final_loss": float(losses[-1]),
+            "params": sum(p.numel() for p in base.parameters()),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
 
 
 def common_args(output_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Training arguments every system shares (TrainingArguments field names)."""
-    return {"output_dir": str(output_dir), "per_device_train_batch_size": args.batch_size,
-            "gradient_accumulation_steps": 1, "max_steps": args.steps, "learning_rate": args.learning_rate,
-            "lr_scheduler_type": "cosine", "seed": 42, "logging_steps": 10, "save_strategy": "no",
-            "bf16": False, "fp16": False, "use_cpu": True, "disable_tqdm": True, "dataloader_num_workers": 0}
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": args.batch_size,
+        "gradient_accumulation_steps": 1,
+        "max_steps": args.steps,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": "cosine",
+        "seed": 42,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "bf16": False,
+        "fp16": False,
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
 
 
-def run_ours(system: str, model_dir: Path, data_file: Path, out: Path, args: argparse.Namespace,
-             probe: Probe) -> dict[str, Any]:
+def run_ours(
+    system: str, model_dir: Path, data_file: Path, out: Path, args: argparse.Namespace, probe: Probe
+) -> dict[str, Any]:
     """Our SFT entry point, unchanged: main(cfg) with the trainer it builds instrumented by the probe."""
     import self_model.fine_tuning.train_finetune as entry
     from self_model.core.config import load_config
     from self_model.core.schema import FinetuneConfig
 
-    data = {"model_name_or_path": str(model_dir), "tokenizer_name_or_path": str(model_dir),
-            "template_path": str(TEMPLATE),
-            "data": {"train_file": str(data_file), "max_length": args.max_length, "packing": system == "ours_packed"},
-            "peft": {"enabled": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
-                     "target_modules": LORA_TARGETS},
-            "training_args": common_args(out, args)}
+    data = {
+        "model_name_or_path": str(model_dir),
+        "tokenizer_name_or_path": str(model_dir),
+        "template_path": str(TEMPLATE),
+        "data": {"train_file": str(data_file), "max_length": args.max_length, "packing": system == "ours_packed"},
+        "peft": {"enabled": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": LORA_TARGETS},
+        "training_args": common_args(out, args),
+    }
     cfg = load_config(FinetuneConfig, None, [], data=data)
     built: list[Any] = []
     build = entry.build_sft_trainer
@@ -188,8 +216,9 @@ def trl_rows(data_file: Path, prompt_completion: bool) -> Any:
     return Dataset.from_list(rows)
 
 
-def run_trl(system: str, model_dir: Path, data_file: Path, out: Path, args: argparse.Namespace,
-            probe: Probe) -> dict[str, Any]:
+def run_trl(
+    system: str, model_dir: Path, data_file: Path, out: Path, args: argparse.Namespace, probe: Probe
+) -> dict[str, Any]:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -204,8 +233,13 @@ def run_trl(system: str, model_dir: Path, data_file: Path, out: Path, args: argp
     config = SFTConfig(**common_args(out, args), **extra)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=trl_rows(data_file, prompt_completion=tuned),
-                         processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=lora)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=trl_rows(data_file, prompt_completion=tuned),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        peft_config=lora,
+    )
     probe.attach(trainer).train()
     return probe.result(trainer)
 
@@ -238,12 +272,36 @@ def child(args: argparse.Namespace) -> None:
 # ---- the parent: interleaved repeats, one subprocess each, and the table ------------------------------
 def run_child(system: str, model_dir: Path, data_file: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     result_file = work / f"{system}.json"
-    cmd = [sys.executable, __file__, "--only", system, "--model", str(model_dir), "--data", str(data_file),
-           "--result", str(result_file), "--threads", str(args.threads), "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--learning-rate", str(args.learning_rate)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--only",
+        system,
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data_file),
+        "--result",
+        str(result_file),
+        "--threads",
+        str(args.threads),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--learning-rate",
+        str(args.learning_rate),
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not result_file.exists():
         sys.exit(f"{system} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
@@ -253,23 +311,39 @@ def run_child(system: str, model_dir: Path, data_file: Path, work: Path, args: a
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], gflops: float, threads: int) -> list[str]:
-    med = {s: statistics.median(r["tokens_per_second"] for r in rs) for s, rs in runs.items()}
-    lines = ["| system | tok/s (median) | min-max | x TRL tuned | x TRL defaults | tokens/step | trained/step "
-             "| peak RSS MB | final loss | util |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """The table: medians by wall time (the number that matters) and by CPU time (robust to a busy machine)."""
+    wall = {s: statistics.median(r["tokens_per_second"] for r in rs) for s, rs in runs.items()}
+    cpu = {s: statistics.median(r["tokens"] / r["cpu_seconds"] for r in rs) for s, rs in runs.items()}
+
+    def ratio(speeds: dict[str, float], system: str, base: str) -> str:
+        return f"{speeds[system] / speeds[base]:.2f}" if base in speeds else "-"
+
+    lines = [
+        "| system | tok/s | min-max | x TRL tuned | x TRL defaults | tok/CPU-s | x TRL tuned (CPU) "
+        "| tokens/step (padded) | trained/step | peak RSS MB | final loss | util |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for system, rs in runs.items():
         speeds = [r["tokens_per_second"] for r in rs]
         first = rs[0]
         # Utilisation: tokens/s x 6 x params / the measured fp32 matmul rate (6N overstates LoRA's work,
-        # which skips the frozen weights' gradients: at most 1.5x).
-        util = med[system] * 6 * first["params"] / (gflops * 1e9)
-        ratio = {b: f"{med[system] / med[b]:.2f}" if b in med else "-" for b in ("trl_tuned", "trl_defaults")}
-        lines.append(f"| {system} | {med[system]:,.0f} | {min(speeds):,.0f}-{max(speeds):,.0f} | {ratio['trl_tuned']} "
-                     f"| {ratio['trl_defaults']} | {first['tokens_per_step']:,.0f} | {first['trained_per_step']:,.0f} "
-                     f"| {statistics.median(r['peak_rss_mb'] for r in rs):,.0f} "
-                     f"| {statistics.median(r['final_loss'] for r in rs):.3f} | {100 * util:.1f}% |")
+        # which skips the frozen weights' gradients: by at most 1.5x).
+        util = wall[system] * 6 * first["params"] / (gflops * 1e9)
+        lines.append(
+            f"| {system} | {wall[system]:,.0f} | {min(speeds):,.0f}-{max(speeds):,.0f} "
+            f"| {ratio(wall, system, 'trl_tuned')} | {ratio(wall, system, 'trl_defaults')} | {cpu[system]:,.0f} "
+            f"| {ratio(cpu, system, 'trl_tuned')} | {first['tokens_per_step']:,.0f} ({first['padded_per_step']:,.0f}) "
+            f"| {first['trained_per_step']:,.0f} "
+            f"| {statistics.median(r['peak_rss_mb'] for r in rs):,.0f} "
+            f"| {statistics.median(r['final_loss'] for r in rs):.3f} | {100 * util:.1f}% |"
+        )
     params = next(iter(runs.values()))[0]["params"]
-    lines.append(f"\n{len(next(iter(runs.values())))} interleaved runs each; model {params:,} params; "
-                 f"{threads} threads; fp32 matmul peak {gflops:.0f} GFLOP/s.")
+    loads = [r["load_avg"] for rs in runs.values() for r in rs]
+    lines.append(
+        f"\n{len(next(iter(runs.values())))} interleaved runs each; model {params:,} params; {threads} "
+        f"threads; fp32 matmul peak {gflops:.0f} GFLOP/s; 1-min load average {min(loads)}-{max(loads)} "
+        f"(above {threads}: other work shared the cores, trust the CPU-time columns more)."
+    )
     return lines
 
 
@@ -283,16 +357,21 @@ def parent(args: argparse.Namespace) -> None:
     try:
         model_dir, data_file = prepare_inputs(work, args.hidden_size, args.rows)
         gflops = matmul_gflops(args.threads)
-        print(f"model {model_dir.name}, {args.rows} rows, batch {args.batch_size}, {args.steps} steps, "
-              f"max_length {args.max_length}, {args.threads} threads, {args.repeats} repeats")
+        print(
+            f"model {model_dir.name}, {args.rows} rows, batch {args.batch_size}, {args.steps} steps, "
+            f"max_length {args.max_length}, {args.threads} threads, {args.repeats} repeats"
+        )
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
         for repeat in range(args.repeats):
             for system in systems:
                 result = run_child(system, model_dir, data_file, work, args)
                 runs[system].append(result)
-                print(f"  run {repeat + 1}/{args.repeats} {system:13s} {result['tokens_per_second']:>9,.0f} tok/s "
-                      f"({result['train_seconds']:.1f} s, loss {result['final_loss']:.3f}, "
-                      f"RSS {result['peak_rss_mb']:.0f} MB)", flush=True)
+                print(
+                    f"  run {repeat + 1}/{args.repeats} {system:13s} {result['tokens_per_second']:>9,.0f} tok/s "
+                    f"({result['train_seconds']:.1f} s, loss {result['final_loss']:.3f}, "
+                    f"RSS {result['peak_rss_mb']:.0f} MB, load {result['load_avg']})",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()

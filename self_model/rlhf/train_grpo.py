@@ -1,0 +1,61 @@
+"""GRPO: sample several replies per prompt, reward each, push the policy towards the replies that beat their group.
+
+    uv run python self_model/rlhf/train_grpo.py --config config/self_model_config/rlhf.yaml
+    uv run python self_model/rlhf/train_grpo.py --config ... --dry-run
+    uv run python self_model/rlhf/train_grpo.py --config ... ppo.rollout_n=8 ppo.reward.functions=[exact_match]
+    uv run python self_model/rlhf/train_grpo.py --config ... ppo.backend=verl ppo.prepare_only=true   # verl run folder
+
+`ppo.backend: trl` trains here with trl's GRPOTrainer (CPU or GPUs); `ppo.backend: verl` writes the verl run folder
+(parquet, verl_overrides.txt) and launches verl on Ray with vLLM / SGLang rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from self_model.core.cli import run_main
+from self_model.core.grpo import build_grpo_trainer, finish_grpo, grpo_training_args, metrics, print_grpo_plan
+from self_model.core.modeling import load_tokenizer, resolve_template
+from self_model.core.rl_data import build_prompts, check_enough_prompts, trl_dataset
+from self_model.core.schema import GRPOStageConfig
+from self_model.core.training import is_main_process, prepare_output_dir, write_run_info
+from self_model.core.verl_backend import run_verl
+
+logger = logging.getLogger("self_model")
+
+
+def main(cfg: GRPOStageConfig, dry_run: bool = False) -> Path | None:
+    if cfg.ppo.backend == "verl":
+        return run_verl(cfg, dry_run)
+    ppo = cfg.ppo
+    args = grpo_training_args(cfg)
+    resume = None if dry_run else prepare_output_dir(args.output_dir, ppo.trl_args.get("resume_from_checkpoint"))
+    tokenizer = load_tokenizer(cfg)
+    template = resolve_template(cfg, tokenizer)
+    train, report = build_prompts(ppo.train_file, tokenizer, template, ppo, ppo.max_samples)
+    check_enough_prompts(train, ppo)
+    eval_, eval_report = build_prompts(ppo.eval_file, tokenizer, template, ppo) if ppo.eval_file else (None, None)
+    data = {"train": report.summary(), **({"eval": eval_report.summary()} if eval_report else {})}
+    logger.info("train prompts: %s", data["train"])
+    if dry_run:
+        print_grpo_plan(cfg, args, train, data, tokenizer, template)
+        return None
+
+    trainer, reference = build_grpo_trainer(cfg, tokenizer, template, args, trl_dataset(train),
+                                            trl_dataset(eval_) if eval_ else None)
+    write_run_info(args.output_dir, cfg, {"backend": "trl", "data": data, "reference": reference})
+    trainer.train(resume_from_checkpoint=resume)
+    result = {"data": data, "reference": reference}
+    final = finish_grpo(trainer, cfg, tokenizer, template, result)
+    if is_main_process():
+        print(f"\nGRPO result saved to {final}\nreference: {reference}")
+        print("last logged: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics(trainer).items()))
+        if "eval_after" in result:
+            before, after = result["eval_before"].get("eval_reward"), result["eval_after"].get("eval_reward")
+            print(f"eval reward: {before:.4g} before training -> {after:.4g} after")
+    return final
+
+
+if __name__ == "__main__":
+    run_main(main, GRPOStageConfig, __doc__)
