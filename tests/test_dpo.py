@@ -6,15 +6,14 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from conftest import run_command
 from safetensors.torch import load_file
 
 from self_model.core.config import load_config
@@ -248,8 +247,7 @@ def test_reward_accuracy_rises_on_a_toy_preference_set(dpo_config: Any, tmp_path
 
 # ---- the commands a user types ---------------------------------------------------------------------------
 def run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    return run_command(["python", *args], timeout=600)
 
 
 def test_readme_dpo_command(sft_adapter: Path, tiny_model_dir: Path, tmp_path: Path) -> None:

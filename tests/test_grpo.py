@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from rl_helpers import ROOT, SAMPLES, make_sft_adapter, rl_config
+from conftest import run_command
+from rl_helpers import SAMPLES, make_sft_adapter, rl_config
 from safetensors.torch import load_file
 
 from self_model.core.errors import ConfigError, DataError
@@ -239,8 +238,7 @@ def test_ppo_on_trl_says_it_needs_verl(make: Any) -> None:
 
 # ---- the commands a user types ---------------------------------------------------------------------------------
 def run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    return run_command(["python", *args], timeout=600)
 
 
 def test_readme_grpo_command(sft_adapter: Path, tiny_model_dir: Path, tmp_path: Path) -> None:

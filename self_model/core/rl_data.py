@@ -175,6 +175,20 @@ def check_enough_prompts(rows: list[dict[str, Any]], ppo: Any) -> None:
                         "train_batch_size (and ppo_mini_batch_size with it).")
 
 
+def load_prompt_data(cfg: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any]]:
+    """Tokenizer, template-rendered train (and eval) prompts and their report: what both backends start from."""
+    from self_model.core.modeling import load_tokenizer, resolve_template
+
+    ppo = cfg.ppo
+    tokenizer = load_tokenizer(cfg)
+    template = resolve_template(cfg, tokenizer)
+    train, report = build_prompts(ppo.train_file, tokenizer, template, ppo, ppo.max_samples)
+    check_enough_prompts(train, ppo)
+    eval_, eval_report = build_prompts(ppo.eval_file, tokenizer, template, ppo) if ppo.eval_file else (None, None)
+    data = {"train": report.summary(), **({"eval": eval_report.summary()} if eval_report else {})}
+    return (tokenizer, template), train, eval_, data
+
+
 # ---- the two backends' formats ----------------------------------------------------------------------------------
 def verl_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
     """verl's RL dataset schema: data_source, prompt (chat messages), ability, reward_model, extra_info."""

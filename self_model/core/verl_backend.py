@@ -210,18 +210,12 @@ def prepare_verl_run(cfg: PPOStageConfig, tokenizer: Any, template: Any, train_r
 
 def run_verl(cfg: PPOStageConfig, dry_run: bool = False) -> Path | None:
     """The whole verl path: data -> run folder -> verl's own validation -> launch (unless prepare_only / dry run)."""
-    from self_model.core.modeling import load_tokenizer, resolve_template
-    from self_model.core.rl_data import build_prompts, check_enough_prompts
+    from self_model.core.rl_data import load_prompt_data
 
     ppo = cfg.ppo
     if not (dry_run or ppo.prepare_only):
         require_verl()
-    tokenizer = load_tokenizer(cfg)
-    template = resolve_template(cfg, tokenizer)
-    train, report = build_prompts(ppo.train_file, tokenizer, template, ppo, ppo.max_samples)
-    check_enough_prompts(train, ppo)
-    eval_, eval_report = build_prompts(ppo.eval_file, tokenizer, template, ppo) if ppo.eval_file else (None, None)
-    data = {"train": report.summary(), **({"eval": eval_report.summary()} if eval_report else {})}
+    (tokenizer, template), train, eval_, data = load_prompt_data(cfg)
     logger.info("train prompts: %s", data["train"])
     if dry_run:
         run_dir = Path(cfg.output_dir)

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from self_model.core.cli import run_main
 from self_model.core.grpo import build_grpo_trainer, finish_grpo, grpo_training_args, metrics, print_grpo_plan
-from self_model.core.modeling import load_tokenizer, resolve_template
-from self_model.core.rl_data import build_prompts, check_enough_prompts, trl_dataset
+from self_model.core.rl_data import load_prompt_data, trl_dataset
 from self_model.core.schema import GRPOStageConfig
 from self_model.core.training import is_main_process, prepare_output_dir, write_run_info
 from self_model.core.verl_backend import run_verl
@@ -31,12 +30,7 @@ def main(cfg: GRPOStageConfig, dry_run: bool = False) -> Path | None:
     ppo = cfg.ppo
     args = grpo_training_args(cfg)
     resume = None if dry_run else prepare_output_dir(args.output_dir, ppo.trl_args.get("resume_from_checkpoint"))
-    tokenizer = load_tokenizer(cfg)
-    template = resolve_template(cfg, tokenizer)
-    train, report = build_prompts(ppo.train_file, tokenizer, template, ppo, ppo.max_samples)
-    check_enough_prompts(train, ppo)
-    eval_, eval_report = build_prompts(ppo.eval_file, tokenizer, template, ppo) if ppo.eval_file else (None, None)
-    data = {"train": report.summary(), **({"eval": eval_report.summary()} if eval_report else {})}
+    (tokenizer, template), train, eval_, data = load_prompt_data(cfg)
     logger.info("train prompts: %s", data["train"])
     if dry_run:
         print_grpo_plan(cfg, args, train, data, tokenizer, template)
