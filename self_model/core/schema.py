@@ -59,29 +59,35 @@ class PeftConfig:
 
 
 @dataclass
-class SFTDataConfig:
-    """`data:` for supervised fine-tuning."""
+class ChatDataConfig:
+    """The `data:` keys SFT and DPO share: files, length limit and its policy, format, sample cap."""
 
     train_file: str | list[str] = field(metadata={"check": existing_files})
     eval_file: str | list[str] | None = field(default=None, metadata={"check": existing_files})
-    # Longest sample in tokens; longer samples are handled by `truncation`.
+    # Longest sample in tokens (DPO: prompt + reply, chosen and rejected each); longer ones follow `truncation`.
     max_length: int = 1024
-    # auto detects each row's format; or one of the registered formats (sharegpt, messages, alpaca).
+    # auto detects each row's format; or one of the registered formats (see README).
     format: str = "auto"
-    # truncate: cut at max_length (reported); drop: leave the sample out (reported).
+    # truncate: cut at max_length; drop: leave the sample out. Both are counted and reported.
     truncation: Literal["truncate", "drop"] = "truncate"
-    # Train only the last assistant turn of multi-turn samples.
-    mask_history: bool = False
-    # Padding-free packing: a batch is one row of concatenated samples that never attend to each other.
-    packing: bool = False
     # Use at most this many training rows (quick experiments).
     max_samples: int | None = None
-    # Processes for tokenization; null uses all cores for large files.
-    num_proc: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
             raise ValueError(f"data.max_length must be at least 8, got {self.max_length}")
+
+
+@dataclass
+class SFTDataConfig(ChatDataConfig):
+    """`data:` for supervised fine-tuning."""
+
+    # Train only the last assistant turn of multi-turn samples.
+    mask_history: bool = False
+    # Padding-free packing: a batch is one row of concatenated samples that never attend to each other.
+    packing: bool = False
+    # Processes for tokenization; null uses all cores for large files.
+    num_proc: int | None = None
 
 
 @dataclass
@@ -246,25 +252,11 @@ def sft_adapter(value: str, path: str) -> list[str]:
 
 
 @dataclass
-class DPODataConfig:
+class DPODataConfig(ChatDataConfig):
     """`data:` for DPO: preference pairs (a prompt, a chosen and a rejected reply)."""
 
-    train_file: str | list[str] = field(metadata={"check": existing_files})
-    eval_file: str | list[str] | None = field(default=None, metadata={"check": existing_files})
-    # Longest prompt + reply in tokens (chosen and rejected each); longer pairs follow `truncation`.
-    max_length: int = 1024
-    # auto detects each row's format; or one of the registered preference formats (see README).
-    format: str = "auto"
-    # truncate: cut the replies at max_length (reported); drop: leave the pair out (reported).
-    truncation: Literal["truncate", "drop"] = "truncate"
     # Pairs whose chosen and rejected replies are identical teach nothing: an error, or dropped and counted.
     drop_identical: bool = False
-    # Use at most this many training pairs (quick experiments).
-    max_samples: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_length < 8:
-            raise ValueError(f"data.max_length must be at least 8, got {self.max_length}")
 
 
 @dataclass
