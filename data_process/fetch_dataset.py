@@ -13,11 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when the project is not installed
-
-from data_process.dataproc.fetch import fetch  # noqa: E402
-from self_model.core.cli import setup_logging  # noqa: E402
-from self_model.core.errors import UserError  # noqa: E402
+from data_process.dataproc.fetch import fetch
+from self_model.core.cli import setup_logging
+from self_model.core.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,13 +14,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when the project is not installed
-
-from data_process.dataproc.options import ProcessConfig, load_process_config  # noqa: E402
-from data_process.dataproc.pipeline import run  # noqa: E402
-from data_process.dataproc.report import markdown  # noqa: E402
-from self_model.core.cli import setup_logging  # noqa: E402
-from self_model.core.errors import UserError  # noqa: E402
+from data_process.dataproc.options import ProcessConfig, load_process_config
+from data_process.dataproc.pipeline import run
+from data_process.dataproc.report import markdown
+from self_model.core.cli import setup_logging
+from self_model.core.errors import UserError
 
 
 def main(cfg: ProcessConfig) -> Path:

@@ -26,7 +26,6 @@ SAMPLE_DIR = ROOT / "data_process" / "sample_data"
 SHARED_DIR = ROOT.parent / "shared"
 SHARED_DATA = SHARED_DIR / "data" / "medicalgpt"
 CHAT_TEMPLATES = SHARED_DIR / "reference" / "chat_templates"
-sys.path.insert(0, str(ROOT / "self_model" / "tools"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -44,7 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded default model: tiny Qwen2 + a BPE tokenizer trained on the sample corpus."""
-    from make_tiny_model import make_tiny_model
+    from self_model.tools.make_tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny_qwen2")
 
@@ -72,7 +71,7 @@ def finetune_yaml() -> dict[str, Any]:
 def sft_config(tiny_model_dir: Path, finetune_yaml: dict[str, Any], tmp_path: Path):
     """Build a FinetuneConfig from the shipped YAML pointed at the tiny model and a temp output dir."""
     from self_model.core.config import load_config
-    from self_model.core.schema import FinetuneConfig
+    from self_model.fine_tuning.config import FinetuneConfig
 
     def make(overrides: dict[str, Any] | None = None, **sections: Any) -> FinetuneConfig:
         data = copy.deepcopy(finetune_yaml)
@@ -112,7 +111,7 @@ def pretrain_yaml() -> dict[str, Any]:
 def pretrain_config(tiny_model_dir: Path, pretrain_yaml: dict[str, Any], tmp_path: Path):
     """Build a PretrainConfig from the shipped YAML pointed at the tiny model, a temp output dir and a temp cache."""
     from self_model.core.config import load_config
-    from self_model.core.schema import PretrainConfig
+    from self_model.pretrain.config import PretrainConfig
 
     def make(overrides: dict[str, Any] | None = None, **sections: Any) -> PretrainConfig:
         data = copy.deepcopy(pretrain_yaml)

@@ -21,7 +21,7 @@ def make_sft_adapter(tiny_model_dir: Path, out: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from self_model.core.template import load_template
+    from self_model.template.chat_template import load_template
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -9,8 +9,8 @@ import yaml
 
 from self_model.core.config import load_config, redact
 from self_model.core.errors import ConfigError
-from self_model.core.schema import FinetuneConfig
 from self_model.core.tracking import SwanlabTraceConfig, WandbTraceConfig
+from self_model.fine_tuning.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

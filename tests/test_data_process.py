@@ -16,7 +16,7 @@ from data_process.dataproc.clean import clean_text, script_ratio
 from data_process.dataproc.options import ProcessConfig, load_process_config
 from data_process.dataproc.pipeline import run
 from self_model.core.config import load_config
-from self_model.core.data import load_conversations
+from self_model.core.conversations import load_conversations
 from self_model.core.errors import ConfigError, DataError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_shared_medicalgpt_files_normalize_and_feed_the_trainers(tmp_path: Path,
         if kind == "sft":
             assert len(load_conversations([str(f) for f in files])) == len(kept)
         elif kind == "preference":
-            from self_model.core.preference import load_preference_pairs
+            from self_model.rlhf.dpo.data import load_preference_pairs
 
             pairs, identical = load_preference_pairs([str(f) for f in files])
             assert len(pairs) == len(kept) and not identical

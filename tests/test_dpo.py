@@ -17,7 +17,7 @@ from conftest import run_command
 from safetensors.torch import load_file
 
 from self_model.core.config import load_config
-from self_model.core.schema import RLHFConfig
+from self_model.rlhf.config import DPOStageConfig
 
 train_dpo = pytest.importorskip("self_model.rlhf.train_dpo", reason="entry script importable")
 
@@ -35,7 +35,7 @@ def sft_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from self_model.core.template import load_template
+    from self_model.template.chat_template import load_template
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -52,10 +52,10 @@ def sft_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture
 def dpo_config(tiny_model_dir: Path, tmp_path: Path):
-    """Build an RLHFConfig from the shipped YAML pointed at the tiny model, an SFT adapter and a temp folder."""
+    """Build an DPOStageConfig from the shipped YAML pointed at the tiny model, an SFT adapter and a temp folder."""
     shipped = yaml.safe_load((ROOT / "config" / "self_model_config" / "rlhf.yaml").read_text(encoding="utf-8"))
 
-    def make(overrides: dict[str, Any] | None = None, adapter: Path | None = None) -> RLHFConfig:
+    def make(overrides: dict[str, Any] | None = None, adapter: Path | None = None) -> DPOStageConfig:
         data = copy.deepcopy(shipped)
         data.update(model_name_or_path=str(tiny_model_dir), template_path=str(TEMPLATE),
                     tokenizer_name_or_path=str(adapter or tiny_model_dir))
@@ -64,7 +64,7 @@ def dpo_config(tiny_model_dir: Path, tmp_path: Path):
         data["training_args"].update(output_dir=str(tmp_path / "run"), max_steps=4, logging_steps=1, save_steps=2,
                                      eval_steps=2, per_device_train_batch_size=4, learning_rate=5.0e-3,
                                      disable_tqdm=True)
-        return load_config(RLHFConfig, None, [f"{k}={v}" for k, v in (overrides or {}).items()], data=data)
+        return load_config(DPOStageConfig, None, [f"{k}={v}" for k, v in (overrides or {}).items()], data=data)
 
     return make
 
@@ -157,10 +157,11 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (logps * batch["completion_mask"][:, 1:]).sum(-1)
 
 
-def build_trainer(cfg: RLHFConfig) -> tuple[Any, Any, str]:
-    from self_model.core.dpo import build_dpo_trainer, dpo_training_args, load_dpo_models
-    from self_model.core.modeling import load_tokenizer, resolve_template
-    from self_model.core.preference import build_preference_dataset
+def build_trainer(cfg: DPOStageConfig) -> tuple[Any, Any, str]:
+    from self_model.core.modeling import load_tokenizer
+    from self_model.rlhf.dpo.data import build_preference_dataset
+    from self_model.rlhf.dpo.trainer import build_dpo_trainer, dpo_training_args, load_dpo_models
+    from self_model.template.resolve import resolve_template
 
     args = dpo_training_args(cfg)
     tokenizer = load_tokenizer(cfg)
@@ -229,7 +230,7 @@ def test_reward_accuracy_rises_on_a_toy_preference_set(dpo_config: Any, tmp_path
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from self_model.core.template import load_template
+    from self_model.template.chat_template import load_template
 
     tokenizer, template = AutoTokenizer.from_pretrained(final), load_template(TEMPLATE)
     policy = AutoPeftModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
@@ -264,7 +265,7 @@ def test_readme_dpo_command(sft_adapter: Path, tiny_model_dir: Path, tmp_path: P
 
 
 def test_unknown_loss_type_exits_nonzero_listing_the_valid_ones() -> None:
-    from self_model.core.schema import dpo_loss_types
+    from self_model.rlhf.config import dpo_loss_types
 
     result = run(["self_model/rlhf/train_dpo.py", "--config", "config/self_model_config/rlhf.yaml",
                   "loss_type=dpo_classic"])

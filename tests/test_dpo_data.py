@@ -14,10 +14,9 @@ import yaml
 
 from self_model.core.config import load_config
 from self_model.core.errors import ConfigError, DataError
-from self_model.core.preference import build_preference_dataset, encode_pair, load_preference_pairs
-from self_model.core.schema import DPODataConfig, RLHFConfig, dpo_loss_types
-from self_model.core.sft import encode_with_template
-from self_model.core.template import IGNORE_INDEX, get_template
+from self_model.rlhf.config import DPODataConfig, DPOStageConfig, dpo_loss_types
+from self_model.rlhf.dpo.data import build_preference_dataset, encode_pair, load_preference_pairs
+from self_model.template.chat_template import IGNORE_INDEX, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data_process" / "sample_data"
@@ -48,7 +47,7 @@ def problems(exc: pytest.ExceptionInfo[ConfigError]) -> str:
 
 # ---- config ----------------------------------------------------------------------------------------------
 def test_shipped_rlhf_yaml_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
-    cfg = load_config(RLHFConfig, None, data=rlhf_data(tiny_model_dir))
+    cfg = load_config(DPOStageConfig, None, data=rlhf_data(tiny_model_dir))
     assert cfg.loss_type == "sigmoid" and cfg.beta == 0.1 and cfg.peft.enabled
     assert cfg.data.train_file.endswith("dpo_train.jsonl") and cfg.training_args["output_dir"].endswith("rlhf/dpo")
     assert cfg.ppo is not None
@@ -62,7 +61,7 @@ def test_shipped_rlhf_yaml_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
     (adapter / "tokenizer_config.json").write_text("{}")
     data = rlhf_data(tiny_model_dir, adapter_name_or_path=str(adapter))
     data.pop("tokenizer_name_or_path")
-    assert load_config(RLHFConfig, None, data=data).tokenizer_path == str(adapter)
+    assert load_config(DPOStageConfig, None, data=data).tokenizer_path == str(adapter)
 
 
 def test_loss_types_come_from_the_installed_trl(tiny_model_dir: Path) -> None:
@@ -72,14 +71,14 @@ def test_loss_types_come_from_the_installed_trl(tiny_model_dir: Path) -> None:
     documented = set(re.findall(r"'(\w+)'", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
     assert set(valid) == documented and "sigmoid" in valid and "ipo" in valid
     for name in valid:
-        assert load_config(RLHFConfig, None, data=rlhf_data(tiny_model_dir, loss_type=name)).loss_type == name
+        assert load_config(DPOStageConfig, None, data=rlhf_data(tiny_model_dir, loss_type=name)).loss_type == name
     with pytest.raises(ConfigError) as exc:
-        load_config(RLHFConfig, None, data=rlhf_data(tiny_model_dir, loss_type="sigmod"))
+        load_config(DPOStageConfig, None, data=rlhf_data(tiny_model_dir, loss_type="sigmod"))
     text = problems(exc)
     assert "loss_type: unknown loss type 'sigmod' (did you mean 'sigmoid'?)" in text
     assert all(name in text for name in valid)
     with pytest.raises(ConfigError, match=r"loss_type\[1\]|unknown loss type 'dpo'"):
-        load_config(RLHFConfig, None, data=rlhf_data(tiny_model_dir, loss_type=["sigmoid", "dpo"]))
+        load_config(DPOStageConfig, None, data=rlhf_data(tiny_model_dir, loss_type=["sigmoid", "dpo"]))
 
 
 def test_training_args_are_checked_against_every_dpo_config_field() -> None:
@@ -90,7 +89,7 @@ def test_training_args_are_checked_against_every_dpo_config_field() -> None:
     from trl import DPOConfig
 
     from self_model.core.backend_args import backend_fields
-    from self_model.core.schema import DPO_CONFIG
+    from self_model.rlhf.config import DPO_CONFIG
 
     assert set(backend_fields(DPO_CONFIG)) == {f.name for f in dataclasses.fields(DPOConfig) if f.init}
 
@@ -103,7 +102,7 @@ def test_every_mistake_at_once(tiny_model_dir: Path, tmp_path: Path) -> None:
     data["training_args"].update(beta=0.2, max_prompt_length=128, learning_rat=1.0, max_length=64,
                                  evaluation_strategy="steps")
     with pytest.raises(ConfigError) as exc:
-        load_config(RLHFConfig, None, data=data)
+        load_config(DPOStageConfig, None, data=data)
     text = problems(exc)
     assert "data.max_lenght: unknown key (did you mean 'max_length'?)" in text
     assert "training_args.beta: set by this toolkit; use the top-level beta: instead" in text
@@ -115,20 +114,20 @@ def test_every_mistake_at_once(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert "ppo.rollouts: unknown key" in text
     # beta is a cross-field check, reported once the sections themselves are valid.
     with pytest.raises(ConfigError, match="beta: expected a positive number"):
-        load_config(RLHFConfig, None, data=rlhf_data(tiny_model_dir, beta=0))
+        load_config(DPOStageConfig, None, data=rlhf_data(tiny_model_dir, beta=0))
 
 
 def test_ppo_section_may_be_empty_or_absent(tiny_model_dir: Path) -> None:
     for value in ({}, None):
-        load_config(RLHFConfig, None, data=rlhf_data(tiny_model_dir, ppo=value))
+        load_config(DPOStageConfig, None, data=rlhf_data(tiny_model_dir, ppo=value))
     data = rlhf_data(tiny_model_dir)
     data.pop("ppo")
-    load_config(RLHFConfig, None, data=data)
+    load_config(DPOStageConfig, None, data=data)
 
 
 def test_missing_sft_adapter_says_how_to_make_one(tiny_model_dir: Path) -> None:
     with pytest.raises(ConfigError, match="train_finetune.py"):
-        load_config(RLHFConfig, None, data=rlhf_data(tiny_model_dir, adapter_name_or_path="runs/sft/final"))
+        load_config(DPOStageConfig, None, data=rlhf_data(tiny_model_dir, adapter_name_or_path="runs/sft/final"))
 
 
 # ---- formats ---------------------------------------------------------------------------------------------
@@ -161,7 +160,7 @@ def test_ids_equal_the_sft_rendering(tiny_tokenizer: Any) -> None:
     for pair in pairs[:5]:
         prompt_ids, chosen_ids, rejected_ids = encode_pair(tiny_tokenizer, QWEN, pair)
         for reply, reply_ids in ((pair["chosen"], chosen_ids), (pair["rejected"], rejected_ids)):
-            ids, labels = encode_with_template(tiny_tokenizer, QWEN, pair["prompt"] + [reply], mask_history=False)
+            ids, labels = QWEN.encode(tiny_tokenizer, pair["prompt"] + [reply], mask_history=False)
             assert prompt_ids + reply_ids == ids[: len(prompt_ids) + len(reply_ids)]
             assert reply_ids == [label for label in labels if label != IGNORE_INDEX]
             assert tiny_tokenizer.decode(reply_ids) == reply["content"] + "<|im_end|>"

@@ -17,7 +17,7 @@ from rl_helpers import SAMPLES, make_sft_adapter, rl_config
 from safetensors.torch import load_file
 
 from self_model.core.errors import ConfigError, DataError
-from self_model.core.schema import GRPOStageConfig, PPOStageConfig
+from self_model.rlhf.config import GRPOStageConfig, PPOStageConfig
 
 train_grpo = pytest.importorskip("self_model.rlhf.train_grpo", reason="entry script importable")
 
@@ -132,7 +132,7 @@ def test_dry_run_trains_nothing(make: Any, capsys: pytest.CaptureFixture[str]) -
 
 # ---- prompt data -------------------------------------------------------------------------------------------------
 def test_prompt_formats_give_the_same_rows(tmp_path: Path, shared_data: Path) -> None:
-    from self_model.core.rl_data import load_prompts
+    from self_model.rlhf.ppo_grpo.data import load_prompts
 
     rows = [{"question": "Q?", "answer": "A"}, {"prompt": "Q?", "ground_truth": "A"},
             {"prompt": [{"role": "user", "content": "Q?"}], "answer": "A"},
@@ -149,7 +149,7 @@ def test_prompt_formats_give_the_same_rows(tmp_path: Path, shared_data: Path) ->
 
 
 def test_bad_prompt_rows_are_listed_with_file_and_line(tmp_path: Path) -> None:
-    from self_model.core.rl_data import load_prompts
+    from self_model.rlhf.ppo_grpo.data import load_prompts
 
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join([json.dumps({"question": "Q?"}), json.dumps({"question": "Q?", "answer": ""}),

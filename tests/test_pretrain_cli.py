@@ -41,7 +41,7 @@ def test_bad_corpus_exits_nonzero_naming_file_and_offset(pretrain_config: Any, t
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """In-process through run_main (the exit code path a user sees), to spare a subprocess start."""
     from self_model.core.cli import run_main
-    from self_model.core.schema import PretrainConfig
+    from self_model.pretrain.config import PretrainConfig
     from self_model.pretrain.train_pretrain import main
 
     bad = tmp_path / "gbk.txt"

@@ -13,14 +13,15 @@ import torch
 
 from self_model.core.config import load_config
 from self_model.core.errors import ConfigError, DataError, UserError
-from self_model.core.schema import PeftConfig, PretrainConfig
+from self_model.core.stage_config import PeftConfig
+from self_model.pretrain.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data_process" / "sample_data"
 
 
 def _blocks(cfg: PretrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], Any]:
-    from self_model.core.pretrain_data import load_blocks
+    from self_model.pretrain.data import load_blocks
 
     ds, report = load_blocks(cfg.data.train_file, tokenizer, cfg, "train", cfg.data.streaming)
     return [dict(row) for row in ds], report
@@ -112,7 +113,7 @@ def test_blocks_join_documents_with_eos_and_report_remainders(pretrain_config: A
     assert all(b["labels"] == b["input_ids"] and b["attention_mask"] == [1] * 16 for b in blocks)
     assert report.tokens == len(stream) and report.dropped_tokens == len(stream) % 16 > 0
     # The end of a document is learned although pad == eos here: neither the blocks nor the collator hide it.
-    from self_model.core.pretrain import pretrain_collator
+    from self_model.pretrain.trainer import pretrain_collator
 
     batch = pretrain_collator(tiny_tokenizer, cfg)(blocks[:2])
     assert tiny_tokenizer.pad_token_id == eos and (batch["labels"] == eos).any()
@@ -168,7 +169,7 @@ def test_parallel_and_streaming_give_the_same_blocks(pretrain_config: Any, tiny_
 
 def test_corpus_smaller_than_one_block_and_block_longer_than_context(pretrain_config: Any, tiny_tokenizer: Any,
                                                                      tmp_path: Path) -> None:
-    from self_model.core.pretrain import check_block_size
+    from self_model.pretrain.trainer import check_block_size
 
     small = tmp_path / "small.txt"
     small.write_text("发热怎么办？\n", encoding="utf-8")
@@ -192,7 +193,7 @@ def test_streaming_bad_row_raises_with_its_line(pretrain_config: Any, tiny_token
 def test_vocabulary_growth_uses_the_mean_and_smaller_tokenizers_are_refused(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from self_model.core.pretrain import match_vocabulary
+    from self_model.pretrain.trainer import match_vocabulary
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.add_tokens([f"新词{i}" for i in range(40)])

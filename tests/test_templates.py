@@ -22,10 +22,17 @@ from typing import Any
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from self_model.core.data import load_conversations
+from self_model.core.conversations import load_conversations
 from self_model.core.errors import ConfigError, DataError, UserError
-from self_model.core.sft import render_marked
-from self_model.core.template import IGNORE_INDEX, ChatTemplate, available_templates, get_template, load_template
+from self_model.fine_tuning.data import render_marked
+from self_model.template.chat_template import (
+    IGNORE_INDEX,
+    ChatTemplate,
+    available_templates,
+    get_template,
+    load_template,
+)
+from self_model.template.tokenizer_template import TokenizerTemplate
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "chat_templates"
@@ -425,9 +432,33 @@ def test_every_shipped_template_loads_and_is_documented() -> None:
 
 
 # ---- template choice (item 4) ----------------------------------------------------------------------------
+def test_tokenizer_template_answers_like_the_json_template(qwen: Any) -> None:
+    """One interface: a tokenizer carrying qwen2_chatml's chat_template (TokenizerTemplate) and qwen2_chatml.json
+    itself give the same training ids, label mask, prompt and stop ids, so callers never branch on the kind."""
+    own, ours = TokenizerTemplate(), get_template("qwen2_chatml")
+    saved, qwen.chat_template = qwen.chat_template, ours.to_jinja()
+    convo = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "头痛怎么办？"},
+             {"role": "assistant", "content": "多休息。"}, {"role": "user", "content": "还有呢？"},
+             {"role": "assistant", "content": "多喝水。"}]
+    try:
+        end = qwen.convert_tokens_to_ids("<|im_end|>")
+        for history in (False, True):
+            (ids, labels), (want_ids, want_labels) = (t.encode(qwen, convo, mask_history=history) for t in (own, ours))
+            assert ids == want_ids
+            # The one difference: a Jinja template does not say where a turn ends, so the newline after <|im_end|>
+            # is trained too (harmless: generation stops at <|im_end|>).
+            differ = [i for i, (a, b) in enumerate(zip(labels, want_labels)) if a != b]
+            assert differ and all(ids[i - 1] == end and qwen.decode([ids[i]]) == "\n" for i in differ)
+        assert own.prompt_ids(qwen, convo[:2]) == ours.prompt_ids(qwen, convo[:2])
+        assert own.prompt_text(qwen, convo[:2]) == ours.prompt_text(qwen, convo[:2])
+        assert own.check_roles(convo) is None and qwen.eos_token_id in own.stop_token_ids(qwen)
+    finally:
+        qwen.chat_template = saved
+
+
 def test_template_choice(tmp_path: Path, qwen: Any, caplog: pytest.LogCaptureFixture) -> None:
-    from self_model.core.modeling import resolve_template
-    from self_model.core.schema import StageConfig
+    from self_model.core.stage_config import StageConfig
+    from self_model.template.resolve import resolve_template
 
     path = tmp_path / "mine.json"
     path.write_text((ROOT / "self_model" / "template" / "qwen2_chatml.json").read_text(encoding="utf-8"))
@@ -436,7 +467,8 @@ def test_template_choice(tmp_path: Path, qwen: Any, caplog: pytest.LogCaptureFix
     assert by_path is not None and by_name is not None and by_path.to_jinja() == by_name.to_jinja()
     qwen_own = qwen.chat_template
     with caplog.at_level(logging.WARNING, logger="self_model"):
-        assert resolve_template(StageConfig(model_name_or_path="m"), qwen) is None
+        own = resolve_template(StageConfig(model_name_or_path="m"), qwen)
+    assert isinstance(own, TokenizerTemplate) and own.name == "the tokenizer chat_template"
     assert "tokenizer's own chat_template" in caplog.text
     try:
         qwen.chat_template = None
@@ -552,10 +584,10 @@ E2E_DATA = [CONVERSATIONS["multi_system"], CONVERSATIONS["chinese"], CONVERSATIO
 @pytest.mark.parametrize("family", FAMILIES)
 def test_finetuned_model_saves_a_chat_template_that_reproduces_its_training_prompt(
         family: str, tiny_model_dir: Path, sft_config: Any, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    from make_tiny_model import build_model
     from transformers import AutoTokenizer, GenerationConfig
 
     from self_model.fine_tuning.train_finetune import main
+    from self_model.tools.make_tiny_model import build_model
 
     if family == "qwen2_chatml":  # the embedded default model: a ChatML tokenizer of its own
         model_dir = tokenizer_dir = tiny_model_dir

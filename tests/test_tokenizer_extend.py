@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from self_model.core.config import load_config
+from self_model.core.errors import UserError
+from self_model.core.vocab_file import EXTENSION_FILE
+from tokenizer import merge_tokenizer, resize_model, train_domain_tokenizer
+from tokenizer.vocab.extend import ExtendConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data_process" / "sample_data"
-sys.path.insert(0, str(ROOT / "tokenizer"))
 
-import merge_tokenizer  # noqa: E402
-import resize_model  # noqa: E402
-import train_domain_tokenizer  # noqa: E402
-
-from self_model.core.config import load_config  # noqa: E402
-from self_model.core.errors import UserError  # noqa: E402
-from self_model.core.vocab import EXTENSION_FILE, ExtendConfig  # noqa: E402
 
 # Text from other domains; the ones holding none of the new tokens must encode exactly as before. (The tiny base
 # saw little English, so its extension adds English pieces such as 'ti' or 'nd': most English text is excluded.)

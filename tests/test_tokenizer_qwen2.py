@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from self_model.core.config import load_config
+from self_model.core.vocab_file import EXTENSION_FILE
+from tokenizer import merge_tokenizer, resize_model, train_domain_tokenizer
+from tokenizer.vocab.extend import ExtendConfig
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tokenizer"))
 
-import merge_tokenizer  # noqa: E402
-import resize_model  # noqa: E402
-import train_domain_tokenizer  # noqa: E402
-
-from self_model.core.config import load_config  # noqa: E402
-from self_model.core.vocab import EXTENSION_FILE, ExtendConfig  # noqa: E402
 
 HELD_OUT_LINES = 100
 QWEN_ROWS = 151936  # Qwen2 models pad their 151665 (Qwen2.5) / 151669 (Qwen3) tokens to this many rows

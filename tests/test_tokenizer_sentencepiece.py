@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +14,16 @@ import torch
 
 spm = pytest.importorskip("sentencepiece", reason="sentencepiece (dev dependency) is not installed")
 
+from self_model.core.config import load_config  # noqa: E402 (after the importorskip)
+from self_model.core.errors import UserError  # noqa: E402 (after the importorskip)
+from self_model.core.vocab_file import EXTENSION_FILE  # noqa: E402 (after the importorskip)
+from tokenizer import merge_tokenizer, resize_model, train_domain_tokenizer  # noqa: E402 (after the importorskip)
+from tokenizer.vocab.extend import ExtendConfig  # noqa: E402 (after the importorskip)
+from tokenizer.vocab.spm import load_proto  # noqa: E402 (after the importorskip)
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data_process" / "sample_data"
-sys.path.insert(0, str(ROOT / "tokenizer"))
 
-import merge_tokenizer  # noqa: E402
-import resize_model  # noqa: E402
-import train_domain_tokenizer  # noqa: E402
-
-from self_model.core.config import load_config  # noqa: E402
-from self_model.core.errors import UserError  # noqa: E402
-from self_model.core.vocab import EXTENSION_FILE, ExtendConfig  # noqa: E402
-from self_model.core.vocab_sp import load_proto  # noqa: E402
 
 BASE_PIECES = 1200
 RESERVED = "<|reserved_0|>"  # an added token right after the SentencePiece vocabulary, id 1200

@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from rl_helpers import ROOT, SAMPLES, TEMPLATE, make_sft_adapter, rl_config
 
-from self_model.core import rewards, verl_backend
 from self_model.core.errors import ConfigError, UserError
-from self_model.core.schema import GRPOStageConfig, PPOStageConfig
-from self_model.core.verl_backend import OVERRIDES_FILE, hydra_value, verl_overrides
+from self_model.rlhf.config import GRPOStageConfig, PPOStageConfig
+from self_model.rlhf.ppo_grpo import rewards
+from self_model.rlhf.ppo_grpo import verl_bridge as verl_backend
+from self_model.rlhf.ppo_grpo.verl_bridge import OVERRIDES_FILE, hydra_value, verl_overrides
 
 HAS_VERL = importlib.util.find_spec("verl") is not None
 needs_verl = pytest.mark.skipif(not HAS_VERL, reason="verl is not installed (the rlhf extra); run these with "
@@ -242,8 +243,8 @@ def test_override_syntax_is_checked(make: Any) -> None:
 @pytest.mark.parametrize("cls", [GRPOStageConfig, PPOStageConfig], ids=["grpo", "ppo"])
 def test_verl_composes_and_validates_the_generated_config(make: Any, cls: type,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from self_model.core.verl_backend import compose_verl_config
     from self_model.rlhf import train_grpo, train_ppo
+    from self_model.rlhf.ppo_grpo.verl_bridge import compose_verl_config
 
     cfg = make(cls)
     run = (train_grpo if cls is GRPOStageConfig else train_ppo).main(cfg)
@@ -278,8 +279,8 @@ def test_our_batch_rules_agree_with_verls_validation(make: Any, tmp_path: Path, 
                                                      gpus: int) -> None:
     """The rules verl's validate_config enforces (replies per step over GPUs, mini-batch within the step) give the
     same verdict here; the config is built without our checks so that verl alone decides."""
-    from self_model.core.rl_checks import verl_batch_problems
-    from self_model.core.verl_backend import validate_with_verl
+    from self_model.rlhf.ppo_grpo.checks import verl_batch_problems
+    from self_model.rlhf.ppo_grpo.verl_bridge import validate_with_verl
 
     cfg = make()
     ppo = dataclasses.replace(cfg.ppo, train_batch_size=train, rollout_n=n, ppo_mini_batch_size=mini,
@@ -304,9 +305,9 @@ def test_verl_loads_our_parquet_and_scores_with_our_reward(make: Any) -> None:
     from verl.trainer.ppo.reward import get_custom_reward_fn
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    from self_model.core.template import load_template
-    from self_model.core.verl_backend import compose_verl_config
     from self_model.rlhf import train_grpo
+    from self_model.rlhf.ppo_grpo.verl_bridge import compose_verl_config
+    from self_model.template.chat_template import load_template
 
     cfg = make()
     run = train_grpo.main(cfg)
@@ -332,9 +333,9 @@ def test_verl_loads_our_parquet_and_scores_with_our_reward(make: Any) -> None:
 def test_the_readme_documents_every_ppo_key() -> None:
     """Each ppo.* key in the schema appears in the README's key table."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    from self_model.core.schema import PPOSection, RewardSection
+    from self_model.rlhf.config import RewardSection, RLSection
 
-    for f in dataclasses.fields(PPOSection):
+    for f in dataclasses.fields(RLSection):
         if f.name != "reward":  # a section: its keys are checked below
             assert f"`ppo.{f.name}`" in readme or f"`ppo.{f.name}.*`" in readme, f.name
     for f in dataclasses.fields(RewardSection):

@@ -10,14 +10,11 @@ Next: tokenizer/resize_model.py with the same --config.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere in the checkout
-
-from self_model.core.cli import run_main  # noqa: E402
-from self_model.core.vocab import (  # noqa: E402
-    EXTENSION_FILE,
+from self_model.core.cli import run_main
+from self_model.core.vocab_file import EXTENSION_FILE
+from tokenizer.vocab.extend import (
     MEASURED_TRAIN_DOCS,
     ExtendConfig,
     detect_kind,
@@ -39,9 +36,9 @@ def main(cfg: ExtendConfig, dry_run: bool = False) -> Path | None:
         print(f"would merge {len(domain['candidates'])} candidates into {base.file} -> {cfg.merge.output_dir}")
         return None
     if base.kind == "byte_level_bpe":
-        from self_model.core.vocab_bpe import write_merged_bpe as write_merged
+        from tokenizer.vocab.bpe import write_merged_bpe as write_merged
     else:
-        from self_model.core.vocab_sp import write_merged_sp as write_merged
+        from tokenizer.vocab.spm import write_merged_sp as write_merged
     out = Path(cfg.merge.output_dir)
     with staged_output(out, cfg.overwrite, "merge.output_dir") as tmp:
         merged, before, after, new_ids = write_merged(base.folder, base.file, domain["candidates"], tmp,

@@ -10,30 +10,13 @@ tokenizer_name_or_path: tokenizer/merged_tokenizer (the new rows are trained in 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere in the checkout
-
-from self_model.core.cli import run_main  # noqa: E402
-from self_model.core.errors import ConfigError, UserError  # noqa: E402
-from self_model.core.vocab import (  # noqa: E402
-    EXTENSION_FILE,
-    ExtendConfig,
-    detect_kind,
-    file_digest,
-    read_extension,
-    staged_output,
-    write_json,
-)
-from self_model.core.vocab_resize import (  # noqa: E402
-    check_logits,
-    check_pair,
-    copy_tokenizer_files,
-    grow,
-    load_base_model,
-    old_logits,
-)
+from self_model.core.cli import run_main
+from self_model.core.errors import ConfigError, UserError
+from self_model.core.vocab_file import EXTENSION_FILE
+from tokenizer.vocab.extend import ExtendConfig, detect_kind, file_digest, read_extension, staged_output, write_json
+from tokenizer.vocab.resize import check_logits, check_pair, copy_tokenizer_files, grow, load_base_model, old_logits
 
 
 def main(cfg: ExtendConfig, dry_run: bool = False) -> Path | None:

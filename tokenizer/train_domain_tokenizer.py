@@ -10,13 +10,10 @@ Next: tokenizer/merge_tokenizer.py with the same --config.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere in the checkout
-
-from self_model.core.cli import run_main  # noqa: E402
-from self_model.core.vocab import (  # noqa: E402
+from self_model.core.cli import run_main
+from tokenizer.vocab.extend import (
     ExtendConfig,
     detect_kind,
     read_texts,
@@ -38,11 +35,11 @@ def main(cfg: ExtendConfig, dry_run: bool = False) -> Path | None:
     t, out = cfg.train, Path(cfg.train.output_dir)
     with staged_output(out, cfg.overwrite, "train.output_dir") as tmp:
         if base.kind == "byte_level_bpe":
-            from self_model.core.vocab_bpe import train_bpe
+            from tokenizer.vocab.bpe import train_bpe
 
             candidates, report = train_bpe(base.file, texts, words, t.vocab_size, t.min_frequency, tmp)
         else:
-            from self_model.core.vocab_sp import train_sp
+            from tokenizer.vocab.spm import train_sp
 
             candidates, report = train_sp(base.file, texts, words, t.vocab_size, t.min_frequency,
                                           t.character_coverage, tmp)

@@ -3,11 +3,11 @@
 | format | input keys | canonical record | read by |
 |---|---|---|---|
 | text | `text` (or `--text_field`), or a .txt line | `{"text": str}` | train_pretrain.py |
-| sharegpt / messages / alpaca | see self_model.core.data | `{"messages": [{"role", "content"}]}` | train_finetune.py |
+| sharegpt / messages / alpaca | see self_model.core.conversations | `{"messages": [{"role", "content"}]}` | train_finetune.py |
 | preference | `chosen`, `rejected`, prompt | `{"messages": [prompt], "chosen": str, "rejected": str}` | train_dpo.py |
 | qa | `question` + `answer` | `{"question": str, "answer": str}` | GRPO / PPO |
 
-The chat converters are the ones the trainers use (self_model.core.data), so what this tool accepts is
+The chat converters are the ones the trainers use (self_model.core.conversations), so what this tool accepts is
 exactly what fine-tuning accepts. Preference and question/answer rows are checked first because a
 preference row with `conversations` would otherwise be taken for ShareGPT.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from self_model.core.data import RowError, detect_format, get_format, validate_conversation
+from self_model.core.conversations import RowError, detect_format, get_format, validate_conversation
 
 KIND_OF = {"text": "text", "sharegpt": "sft", "messages": "sft", "alpaca": "sft", "preference": "preference",
            "qa": "qa"}

@@ -19,7 +19,7 @@ import yaml
 
 from self_model.core.config import did_you_mean, load_config, read_yaml
 
-# Formats process_data.py understands. sharegpt / messages / alpaca are converted by self_model.core.data.
+# Formats process_data.py understands. sharegpt / messages / alpaca are converted by self_model.core.conversations.
 FORMATS = ("text", "sharegpt", "messages", "alpaca", "preference", "qa")
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 

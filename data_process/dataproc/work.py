@@ -18,7 +18,7 @@ from data_process.dataproc.minhash import MinHasher
 from data_process.dataproc.normalize import check_structure, content, convert, detect, map_texts
 from data_process.dataproc.options import ProcessConfig
 from data_process.dataproc.readers import Item, parse_json_line
-from self_model.core.data import RowError
+from self_model.core.conversations import RowError
 
 SNIPPET = 300
 OK, REJECTED, MALFORMED = "ok", "rejected", "malformed"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from self_model.core.data import MAX_SHOWN, RowError, detect_format, get_format
+from self_model.core.conversations import MAX_SHOWN, RowError, detect_format, get_format
 from self_model.core.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl")
@@ -171,3 +171,8 @@ def read_strict(files: list[Path], text_fields: list[str]) -> Iterator[dict[str,
         stats.raise_if_bad("data")
         yield {"text": text}
     stats.raise_if_bad("data")
+
+
+def corpus_paths(value: str | list[str], path: str) -> list[str]:
+    """Field check: each entry is a file, a folder or a glob naming at least one .txt / .jsonl file."""
+    return corpus_problems(value, path)

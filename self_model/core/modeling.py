@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from self_model.core.errors import UserError
-from self_model.core.schema import PeftConfig, StageConfig
-from self_model.core.template import ChatTemplate, get_template, load_template
+from self_model.core.stage_config import PeftConfig, StageConfig
 
 logger = logging.getLogger("self_model")
 
@@ -27,23 +26,6 @@ def load_tokenizer(cfg: StageConfig) -> Any:
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer has no pad token; using eos %r for padding", tokenizer.eos_token)
     return tokenizer
-
-
-def resolve_template(cfg: StageConfig, tokenizer: Any) -> ChatTemplate | None:
-    """`template_path`, else `template`, else None: the tokenizer's own chat_template is used (and said so)."""
-    if cfg.template_path:
-        template = load_template(cfg.template_path)
-    elif cfg.template:
-        template = get_template(cfg.template)
-    else:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("no chat template: set template_path (a JSON in self_model/template/) or "
-                            "template: <name>; "
-                            "the tokenizer has no chat_template of its own either")
-        logger.warning("no template_path/template set: using the tokenizer's own chat_template")
-        return None
-    template.check_tokenizer(tokenizer)
-    return template
 
 
 def pick_precision(training_args: dict[str, Any]) -> torch.dtype:
@@ -187,3 +169,4 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+

@@ -12,13 +12,14 @@ import logging
 from pathlib import Path
 
 from self_model.core.cli import run_main
-from self_model.core.data import first_prompt
-from self_model.core.finetune import build_sft_trainer, load_model_for_training, print_plan, sft_training_args
+from self_model.core.conversations import first_prompt
 from self_model.core.inference import chat
-from self_model.core.modeling import load_tokenizer, resolve_template
-from self_model.core.schema import FinetuneConfig
-from self_model.core.sft import build_sft_dataset
-from self_model.core.training import is_main_process, prepare_output_dir, save_final, train_checked, write_run_info
+from self_model.core.modeling import load_tokenizer
+from self_model.core.run import is_main_process, prepare_output_dir, train_and_save
+from self_model.fine_tuning.config import FinetuneConfig
+from self_model.fine_tuning.data import build_sft_dataset
+from self_model.fine_tuning.trainer import build_sft_trainer, load_model_for_training, print_plan, sft_training_args
+from self_model.template.resolve import resolve_template
 
 logger = logging.getLogger("self_model")
 
@@ -38,9 +39,8 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> Path | None:
 
     model = load_model_for_training(cfg, tokenizer, args)
     trainer = build_sft_trainer(cfg, model, tokenizer, args, train, eval_)
-    write_run_info(args.output_dir, cfg, {"train_data": report.summary()})
-    train_checked(trainer, resume, cfg.trace)
-    final = save_final(trainer, tokenizer, template, cfg, {"data_report.json": report.summary()})
+    final, _ = train_and_save(trainer, cfg, resume, tokenizer, template, {"train_data": report.summary()},
+                              finish=lambda _: {"data_report.json": report.summary()})
     if is_main_process():
         prompt = first_prompt(cfg.data.eval_file or cfg.data.train_file)
         answer = chat(trainer.model, tokenizer, prompt)

@@ -13,7 +13,10 @@ from pathlib import Path
 
 from self_model.core.cli import run_main
 from self_model.core.modeling import load_tokenizer
-from self_model.core.pretrain import (
+from self_model.core.run import is_main_process, prepare_output_dir, train_and_save
+from self_model.pretrain.config import PretrainConfig
+from self_model.pretrain.data import check_tokenizer, load_blocks
+from self_model.pretrain.trainer import (
     build_pretrain_trainer,
     check_block_size,
     final_evaluation,
@@ -21,9 +24,6 @@ from self_model.core.pretrain import (
     pretrain_training_args,
     print_plan,
 )
-from self_model.core.pretrain_data import check_tokenizer, load_blocks
-from self_model.core.schema import PretrainConfig
-from self_model.core.training import is_main_process, prepare_output_dir, save_final, train_checked, write_run_info
 
 
 def main(cfg: PretrainConfig, dry_run: bool = False) -> Path | None:
@@ -43,11 +43,11 @@ def main(cfg: PretrainConfig, dry_run: bool = False) -> Path | None:
 
     model = load_pretrain_model(cfg, tokenizer, args)
     trainer = build_pretrain_trainer(cfg, model, tokenizer, args, train, eval_)
-    write_run_info(args.output_dir, cfg, {"train_data": report.summary()})
-    train_checked(trainer, resume, cfg.trace)
-    evals = final_evaluation(trainer)
     data_report = {"train": report.summary(), "eval": eval_report.summary() if eval_report else None}
-    final = save_final(trainer, tokenizer, None, cfg, {"data_report.json": data_report, "eval_results.json": evals})
+    final, results = train_and_save(trainer, cfg, resume, tokenizer, None, {"train_data": report.summary()},
+                                    finish=lambda t: {"data_report.json": data_report,
+                                                      "eval_results.json": final_evaluation(t)})
+    evals = results["eval_results.json"]
     if is_main_process():
         print(f"\npretrained model saved to {final}")
         if evals:

@@ -12,24 +12,25 @@ import logging
 from pathlib import Path
 
 from self_model.core.cli import run_main
-from self_model.core.dpo import (
+from self_model.core.modeling import load_tokenizer
+from self_model.core.run import is_main_process, prepare_output_dir, train_and_save
+from self_model.rlhf.config import DPOStageConfig, log_unread_sections
+from self_model.rlhf.dpo.data import build_preference_dataset
+from self_model.rlhf.dpo.trainer import (
     build_dpo_trainer,
+    dpo_results,
     dpo_training_args,
-    last_metrics,
     load_dpo_models,
     print_dpo_plan,
-    save_dpo_final,
 )
-from self_model.core.modeling import load_tokenizer, resolve_template
-from self_model.core.preference import build_preference_dataset
-from self_model.core.schema import RLHFConfig
-from self_model.core.training import is_main_process, prepare_output_dir, train_checked, write_run_info
+from self_model.template.resolve import resolve_template
 
 logger = logging.getLogger("self_model")
 
 
-def main(cfg: RLHFConfig, dry_run: bool = False) -> Path | None:
+def main(cfg: DPOStageConfig, dry_run: bool = False) -> Path | None:
     args = dpo_training_args(cfg)
+    log_unread_sections(cfg, "train_dpo.py", f"output: training_args.output_dir={args.output_dir}")
     resume = None if dry_run else prepare_output_dir(args.output_dir, cfg.training_args.get("resume_from_checkpoint"))
     tokenizer = load_tokenizer(cfg)
     template = resolve_template(cfg, tokenizer)
@@ -43,13 +44,12 @@ def main(cfg: RLHFConfig, dry_run: bool = False) -> Path | None:
 
     models = load_dpo_models(cfg, tokenizer, args)
     trainer = build_dpo_trainer(cfg, models, tokenizer, args, train, eval_)
-    write_run_info(args.output_dir, cfg, {"train_data": report.summary(), "reference": models.reference})
-    train_checked(trainer, resume, cfg.trace, hint="Lower the learning rate or raise beta.")
-    dpo_report = {"train_data": report.summary(), "reference": models.reference, "train": last_metrics(trainer)}
-    if eval_ is not None:
-        dpo_report.update(eval_data=eval_report.summary(), eval=last_metrics(trainer, "eval_"))
-    final = save_dpo_final(trainer, tokenizer, template, cfg, {"data_report.json": dpo_report})
+    final, results = train_and_save(
+        trainer, cfg, resume, tokenizer, template, {"train_data": report.summary(), "reference": models.reference},
+        finish=lambda t: dpo_results(t, report, eval_report, models.reference),
+        hint="Lower the learning rate or raise beta.")
     if is_main_process():
+        dpo_report = results["data_report.json"]
         shown = dpo_report.get("eval") or dpo_report["train"]
         print(f"\nDPO result saved to {final}\nreference: {models.reference}")
         print("last logged: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
@@ -57,4 +57,4 @@ def main(cfg: RLHFConfig, dry_run: bool = False) -> Path | None:
 
 
 if __name__ == "__main__":
-    run_main(main, RLHFConfig, __doc__)
+    run_main(main, DPOStageConfig, __doc__)

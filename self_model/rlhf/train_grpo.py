@@ -15,11 +15,17 @@ import logging
 from pathlib import Path
 
 from self_model.core.cli import run_main
-from self_model.core.grpo import build_grpo_trainer, finish_grpo, grpo_training_args, metrics, print_grpo_plan
-from self_model.core.rl_data import load_prompt_data, trl_dataset
-from self_model.core.schema import GRPOStageConfig
-from self_model.core.training import is_main_process, prepare_output_dir, write_run_info
-from self_model.core.verl_backend import run_verl
+from self_model.core.run import is_main_process, prepare_output_dir, train_and_save
+from self_model.rlhf.config import GRPOStageConfig, log_unread_sections
+from self_model.rlhf.ppo_grpo.data import load_prompt_data, trl_dataset
+from self_model.rlhf.ppo_grpo.trainer import (
+    build_grpo_trainer,
+    grpo_results,
+    grpo_training_args,
+    metrics,
+    print_grpo_plan,
+)
+from self_model.rlhf.ppo_grpo.verl_bridge import run_verl
 
 logger = logging.getLogger("self_model")
 
@@ -29,6 +35,7 @@ def main(cfg: GRPOStageConfig, dry_run: bool = False) -> Path | None:
         return run_verl(cfg, dry_run)
     ppo = cfg.ppo
     args = grpo_training_args(cfg)
+    log_unread_sections(cfg, "train_grpo.py", f"output: ppo.output_dir={args.output_dir}, learning rate: ppo.actor_lr")
     resume = None if dry_run else prepare_output_dir(args.output_dir, ppo.trl_args.get("resume_from_checkpoint"))
     (tokenizer, template), train, eval_, data = load_prompt_data(cfg)
     logger.info("train prompts: %s", data["train"])
@@ -38,10 +45,10 @@ def main(cfg: GRPOStageConfig, dry_run: bool = False) -> Path | None:
 
     trainer, reference = build_grpo_trainer(cfg, tokenizer, template, args, trl_dataset(train),
                                             trl_dataset(eval_) if eval_ else None)
-    write_run_info(args.output_dir, cfg, {"backend": "trl", "data": data, "reference": reference})
-    trainer.train(resume_from_checkpoint=resume)
     result = {"data": data, "reference": reference}
-    final = finish_grpo(trainer, cfg, tokenizer, template, result)
+    final, _ = train_and_save(trainer, cfg, resume, tokenizer, template,
+                              {"backend": "trl", "data": data, "reference": reference},
+                              finish=lambda t: grpo_results(t, result), hint="Lower ppo.actor_lr.")
     if is_main_process():
         print(f"\nGRPO result saved to {final}\nreference: {reference}")
         print("last logged: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics(trainer).items()))

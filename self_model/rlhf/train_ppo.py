@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from self_model.core.cli import run_main
-from self_model.core.schema import PPOStageConfig
-from self_model.core.verl_backend import run_verl
+from self_model.rlhf.config import PPOStageConfig
+from self_model.rlhf.ppo_grpo.verl_bridge import run_verl
 
 
 def main(cfg: PPOStageConfig, dry_run: bool = False) -> Path | None:

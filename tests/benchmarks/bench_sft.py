@@ -41,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "medicalgpt" / "medical_sft_1K_format.jsonl"
 SAMPLE_DATA = ROOT / "data_process" / "sample_data" / "sft_train.jsonl"
 TEMPLATE = ROOT / "self_model" / "template" / "qwen2_chatml.json"
-sys.path.insert(0, str(ROOT / "self_model" / "tools"))
 
 SYSTEMS = {
     "trl_defaults": "TRL SFTTrainer as a user writes it: messages rows, its defaults (gradient checkpointing, "
@@ -59,10 +58,10 @@ ROLE_OF = {"human": "user", "gpt": "assistant", "system": "system"}
 def prepare_inputs(work: Path, hidden: int, rows: int) -> tuple[Path, Path]:
     """Build the tiny model (its tokenizer carries our ChatML template as `chat_template`, so TRL renders
     exactly what our template renders) and write the training rows (ShareGPT JSON lines)."""
-    from make_tiny_model import make_tiny_model
     from transformers import AutoTokenizer
 
-    from self_model.core.template import load_template
+    from self_model.template.chat_template import load_template
+    from self_model.tools.make_tiny_model import make_tiny_model
 
     model_dir = make_tiny_model(work / f"tiny_qwen2_h{hidden}", hidden=hidden)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -183,7 +182,7 @@ def run_ours(
     """Our SFT entry point, unchanged: main(cfg) with the trainer it builds instrumented by the probe."""
     import self_model.fine_tuning.train_finetune as entry
     from self_model.core.config import load_config
-    from self_model.core.schema import FinetuneConfig
+    from self_model.fine_tuning.config import FinetuneConfig
 
     data = {
         "model_name_or_path": str(model_dir),

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from self_model.core.data import load_conversations
+from self_model.core.conversations import load_conversations
 from self_model.core.errors import UserError
-from self_model.core.schema import SFTDataConfig
-from self_model.core.template import IGNORE_INDEX, ChatTemplate
+from self_model.fine_tuning.config import SFTDataConfig
+from self_model.template.chat_template import IGNORE_INDEX
+from self_model.template.resolve import Template
 
 logger = logging.getLogger("self_model")
 
@@ -43,40 +44,9 @@ class TokenizeReport:
                            "p95": pct(0.95), "max": lengths[-1]}, "trained_tokens": self.trained_tokens}
 
 
-def encode_with_template(tokenizer: Any, template: ChatTemplate | None, messages: list[dict[str, Any]],
-                         mask_history: bool, tools: list[Any] | None = None) -> tuple[list[int], list[int]]:
-    if template is not None:
-        return template.encode(tokenizer, messages, mask_history=mask_history, tools=tools)
-    return encode_with_tokenizer_template(tokenizer, messages, mask_history, tools)
-
-
-def encode_with_tokenizer_template(tokenizer: Any, messages: list[dict[str, Any]], mask_history: bool,
-                                   tools: list[Any] | None = None) -> tuple[list[int], list[int]]:
-    """Label mask from the tokenizer's own chat_template: each assistant reply is what the template adds
-    after the generation prompt of the conversation so far."""
-    ids: list[int] = []
-    labels: list[int] = []
-    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        if prompt_ids[: len(ids)] != ids or full_ids[: len(prompt_ids)] != prompt_ids:
-            raise UserError("the tokenizer's chat_template does not render conversations incrementally, so the "
-                            "reply tokens cannot be told apart; set template_path to a template JSON instead")
-        train = not mask_history or i == last_assistant
-        reply = full_ids[len(prompt_ids):]
-        labels += [IGNORE_INDEX] * (len(prompt_ids) - len(ids)) + (reply if train else [IGNORE_INDEX] * len(reply))
-        ids = full_ids
-    return ids, labels
-
-
-def tokenize_conversations(samples: list[dict[str, Any]], tokenizer: Any, template: ChatTemplate | None,
+def tokenize_conversations(samples: list[dict[str, Any]], tokenizer: Any, template: Template,
                            data: SFTDataConfig) -> tuple[list[dict[str, list[int]]], TokenizeReport]:
-    encoded = [encode_with_template(tokenizer, template, s["messages"], data.mask_history, s.get("tools"))
+    encoded = [template.encode(tokenizer, s["messages"], data.mask_history, s.get("tools"))
                for s in samples]
     return apply_length_policy(encoded, data)
 
@@ -102,12 +72,12 @@ def apply_length_policy(encoded: Any, data: SFTDataConfig) -> tuple[list[dict[st
     return rows, report
 
 
-def build_sft_dataset(files: str | list[str], tokenizer: Any, template: ChatTemplate | None,
+def build_sft_dataset(files: str | list[str], tokenizer: Any, template: Template,
                       data: SFTDataConfig, limit: int | None = None) -> tuple[Any, TokenizeReport]:
     """Load, validate and tokenize; large files are tokenized in parallel with datasets.map."""
     from datasets import Dataset
 
-    check = template.check_roles if template is not None else None
+    check = template.check_roles
     samples = load_conversations(files, data.format, check=check)
     if limit:
         samples = samples[:limit]
@@ -119,7 +89,7 @@ def build_sft_dataset(files: str | list[str], tokenizer: Any, template: ChatTemp
                                    "tools": [json.dumps(s.get("tools"), ensure_ascii=False) for s in samples]})
 
         def encode_batch(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
-            out = [encode_with_template(tokenizer, template, json.loads(m), data.mask_history, json.loads(t))
+            out = [template.encode(tokenizer, json.loads(m), data.mask_history, json.loads(t))
                    for m, t in zip(batch["messages"], batch["tools"], strict=True)]
             return {"input_ids": [o[0] for o in out], "labels": [o[1] for o in out]}
 

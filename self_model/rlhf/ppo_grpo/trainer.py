@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from self_model.core import rlhf_model
 from self_model.core.errors import ConfigError, UserError
-from self_model.core.rewards import reward_name, trl_reward_funcs
-from self_model.core.rl_checks import kl_enabled, world_size
-from self_model.core.schema import PPOStageConfig
-from self_model.core.template import ChatTemplate
+from self_model.core.run import MetricsMixin, build_training_args
 from self_model.core.tracking import setup_tracking
-from self_model.core.training import MetricsMixin, build_training_args
+from self_model.rlhf import policy as rlhf_model
+from self_model.rlhf.config import RLStageConfig
+from self_model.rlhf.ppo_grpo.checks import kl_enabled, world_size
+from self_model.rlhf.ppo_grpo.rewards import reward_name, trl_reward_funcs
+from self_model.template.resolve import Template
 
 logger = logging.getLogger("self_model")
 
@@ -42,7 +42,7 @@ GRPO_DEFAULTS: dict[str, Any] = {
 GRPO_METRICS = ("reward", "reward_std", "kl", "completions/mean_length", "completions/clipped_ratio", "entropy")
 
 
-def grpo_training_args(cfg: PPOStageConfig) -> Any:
+def grpo_training_args(cfg: RLStageConfig) -> Any:
     from trl import GRPOConfig
 
     ppo, processes = cfg.ppo, world_size()
@@ -68,7 +68,7 @@ def grpo_training_args(cfg: PPOStageConfig) -> Any:
     return build_training_args(values, GRPOConfig, defaults)
 
 
-def load_reward_model(cfg: PPOStageConfig, tokenizer: Any) -> tuple[Any, Any]:
+def load_reward_model(cfg: RLStageConfig, tokenizer: Any) -> tuple[Any, Any]:
     """The reward model (sequence classification, one score) and its tokenizer, for trl to score prompt + reply."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -90,7 +90,7 @@ def load_reward_model(cfg: PPOStageConfig, tokenizer: Any) -> tuple[Any, Any]:
     return model.eval().requires_grad_(False), rm_tokenizer
 
 
-def build_grpo_trainer(cfg: PPOStageConfig, tokenizer: Any, template: ChatTemplate | None, args: Any, train: Any,
+def build_grpo_trainer(cfg: RLStageConfig, tokenizer: Any, template: Template, args: Any, train: Any,
                        eval_: Any) -> tuple[Any, str]:
     """trl's GRPOTrainer with the policy (from the SFT result), the rewards and the right reference."""
     from trl import GRPOTrainer
@@ -98,14 +98,13 @@ def build_grpo_trainer(cfg: PPOStageConfig, tokenizer: Any, template: ChatTempla
     class GRPORunTrainer(MetricsMixin, GRPOTrainer):
         log_perplexity = False
 
-    if template is not None:
-        template.apply_to_tokenizer(tokenizer)  # trl renders the prompts with the tokenizer's chat_template
+    template.apply_to_tokenizer(tokenizer)  # trl renders the prompts with the tokenizer's chat_template
     kl = args.beta != 0.0
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     models = rlhf_model.load_policy(cfg, tokenizer, dtype, args.gradient_checkpointing, "GRPO",
                                     reference_copy=kl and bool(cfg.adapter_name_or_path) and not cfg.peft.enabled)
     reference = models.reference if kl else "none: use_kl_loss is off, so no reference model is used"
-    stop = template.stop_token_ids(tokenizer) if template is not None else []
+    stop = template.stop_token_ids(tokenizer)
     if stop:  # generation ends on the template's end-of-turn token, which the model was trained to emit
         models.model.generation_config.eos_token_id = sorted({*stop, tokenizer.eos_token_id} - {None})
     reward_funcs: list[Any] = trl_reward_funcs(cfg.ppo.reward.functions)
@@ -146,7 +145,7 @@ def use_sft_reference(trainer: Any, ref_model: Any, args: Any) -> None:
         trainer.ref_model = trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
 
-def reward_names(cfg: PPOStageConfig) -> list[str]:
+def reward_names(cfg: RLStageConfig) -> list[str]:
     names = [reward_name(s) for s in cfg.ppo.reward.functions]
     return names + ([cfg.ppo.reward.reward_model_name_or_path] if cfg.ppo.reward.reward_model_name_or_path else [])
 
@@ -161,10 +160,10 @@ def metrics(trainer: Any, prefix: str = "", which: int = -1) -> dict[str, float]
     return {k: entry[k] for k in keys if isinstance(entry.get(k), (int, float))}
 
 
-def print_grpo_plan(cfg: PPOStageConfig, args: Any, rows: list[dict[str, Any]], report: dict[str, Any],
-                    tokenizer: Any, template: ChatTemplate | None) -> None:
+def print_grpo_plan(cfg: RLStageConfig, args: Any, rows: list[dict[str, Any]], report: dict[str, Any],
+                    tokenizer: Any, template: Template) -> None:
     """--dry-run: model, reference, rewards, batch arithmetic, data, and one rendered prompt."""
-    from self_model.core.rlhf_model import describe_reference
+    from self_model.rlhf.policy import describe_reference
 
     ppo, processes = cfg.ppo, world_size()
     mode = "QLoRA" if cfg.peft.qlora else ("LoRA" if cfg.peft.enabled else "full")
@@ -185,19 +184,13 @@ def print_grpo_plan(cfg: PPOStageConfig, args: Any, rows: list[dict[str, Any]], 
     if "eval" in report:
         print(f"eval data:  {report['eval']['prompts_out']} prompts (scored before and after training)")
     print(f"output:     {args.output_dir}")
-    rendered = (template.render(rows[0]["messages"], True) if template is not None
-                else tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False, add_generation_prompt=True))
+    rendered = template.prompt_text(tokenizer, rows[0]["messages"])
     print(f"\n--- one prompt ({rows[0]['source']}), ground truth {rows[0]['ground_truth']!r} ---\n{rendered}")
 
 
-def finish_grpo(trainer: Any, cfg: PPOStageConfig, tokenizer: Any, template: ChatTemplate | None,
-                result: dict[str, Any]) -> Any:
-    """After training: refuse a diverged run, score the eval prompts once more, save final/ with the report."""
-    from self_model.core.training import logged_losses, save_final
-
-    losses = logged_losses(trainer)
-    if losses and not all(math.isfinite(x) for x in losses):
-        raise UserError(f"training diverged (loss {losses[-1]}); no final/ was written. Lower ppo.actor_lr.")
+def grpo_results(trainer: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """After training: the last metrics, the eval prompts scored once more (before vs after), the reference adapter
+    dropped so that final/ holds the trained policy only; the report is written into final/."""
     result["train"] = metrics(trainer)
     if trainer.eval_dataset is not None:
         step = trainer.state.global_step
@@ -205,4 +198,4 @@ def finish_grpo(trainer: Any, cfg: PPOStageConfig, tokenizer: Any, template: Cha
             trainer.evaluate()
         result.update(eval_before=metrics(trainer, "eval_", 0), eval_after=metrics(trainer, "eval_", -1))
     rlhf_model.drop_reference_adapter(trainer.accelerator.unwrap_model(trainer.model))
-    return save_final(trainer, tokenizer, template, cfg, {"data_report.json": result})
+    return {"data_report.json": result}

@@ -8,7 +8,7 @@ the schema is documented in `self_model/template/README.md`. Two ways to turn a 
   once with offsets and label the tokens inside those spans. The ids are exactly what
   `tokenizer.apply_chat_template` produces from the generated Jinja string (and from the official one).
 - `tokenize: pieces` (ChatGLM3, Baichuan2): each marker is its special-token id and every text piece is
-  encoded on its own, as the official fine-tuning code does (see `template_tokens.py`).
+  encoded on its own, as the official fine-tuning code does (see `pieces.py`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 from self_model.core.config import did_you_mean
 from self_model.core.errors import ConfigError, UserError
-from self_model.core.template_tools import ToolFormat, substitute
+from self_model.template.tool_calls import ToolFormat, substitute
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "template"
+TEMPLATE_DIR = Path(__file__).resolve().parent  # the JSON files sit beside this module
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
 # Marker strings written like <|name|> are special tokens; others are declared in `special_tokens`.
@@ -221,7 +221,7 @@ class ChatTemplate:
                tools: list[Any] | None = None) -> tuple[list[int], list[int]]:
         """Token ids of the whole conversation and labels that train the assistant replies (-100 elsewhere)."""
         if self.tokenize == "pieces":
-            from self_model.core.template_tokens import encode_pieces
+            from self_model.template.pieces import encode_pieces
 
             return encode_pieces(self, tokenizer, messages, mask_history=mask_history)
         text, spans = self.render_spans(messages, False, tokenizer.bos_token or "", tokenizer.eos_token or "", tools)
@@ -246,15 +246,24 @@ class ChatTemplate:
     def prompt_ids(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> list[int]:
         """The ids an inference prompt holds: the conversation so far and the generation prompt."""
         if self.tokenize == "pieces":
-            from self_model.core.template_tokens import encode_pieces
+            from self_model.template.pieces import encode_pieces
 
             return encode_pieces(self, tokenizer, messages, add_generation_prompt=True)[0]
         text = self.render(messages, True, tokenizer.bos_token or "", tokenizer.eos_token or "", tools)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def prompt_text(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str:
+        """The inference prompt as text (the conversation so far and the generation prompt)."""
+        return self.render(messages, True, tokenizer.bos_token or "", tokenizer.eos_token or "", tools)
+
+    def save_source(self, folder: Path) -> None:
+        """The template's JSON definition beside the model it was trained with (chat_template_source.json)."""
+        (Path(folder) / "chat_template_source.json").write_text(
+            json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False), encoding="utf-8")
+
     def to_jinja(self) -> str:
         """A Jinja chat_template that renders exactly what `render` renders."""
-        from self_model.core.template_jinja import to_jinja
+        from self_model.template.jinja import to_jinja
 
         return to_jinja(self)
 

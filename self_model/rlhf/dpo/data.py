@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from self_model.core.config import did_you_mean
-from self_model.core.data import (
+from self_model.core.conversations import (
     MAX_SHOWN,
     SHAREGPT_ROLES,
     RowError,
@@ -30,9 +30,9 @@ from self_model.core.data import (
 )
 from self_model.core.errors import DataError, UserError
 from self_model.core.registry import Registry
-from self_model.core.schema import DPODataConfig
-from self_model.core.sft import encode_with_template
-from self_model.core.template import IGNORE_INDEX, ChatTemplate
+from self_model.rlhf.config import DPODataConfig
+from self_model.template.chat_template import IGNORE_INDEX
+from self_model.template.resolve import Template
 
 Message = dict[str, Any]
 Pair = tuple[list[Message], Message, Message]
@@ -226,11 +226,11 @@ def _split(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
     return ids[: trained[0]], labels[trained[0]: trained[-1] + 1]
 
 
-def encode_pair(tokenizer: Any, template: ChatTemplate | None, pair: dict[str, Any]) -> tuple[list[int], ...]:
+def encode_pair(tokenizer: Any, template: Template, pair: dict[str, Any]) -> tuple[list[int], ...]:
     """(prompt_ids, chosen_ids, rejected_ids) exactly as SFT tokenizes prompt + reply."""
     prompt, tools = pair["prompt"], pair.get("tools")
-    prompt_c, chosen = _split(*encode_with_template(tokenizer, template, prompt + [pair["chosen"]], True, tools))
-    prompt_r, rejected = _split(*encode_with_template(tokenizer, template, prompt + [pair["rejected"]], True, tools))
+    prompt_c, chosen = _split(*template.encode(tokenizer, prompt + [pair["chosen"]], True, tools))
+    prompt_r, rejected = _split(*template.encode(tokenizer, prompt + [pair["rejected"]], True, tools))
     if prompt_c != prompt_r:
         raise RowError("the prompt tokenizes differently in front of the chosen and the rejected reply (a token "
                        "merges across the boundary); check the template's generation prompt")
@@ -293,12 +293,12 @@ def apply_length_policy(encoded: list[tuple[list[int], ...]], data: DPODataConfi
     return rows
 
 
-def build_preference_dataset(files: str | list[str], tokenizer: Any, template: ChatTemplate | None,
+def build_preference_dataset(files: str | list[str], tokenizer: Any, template: Template,
                              data: DPODataConfig, limit: int | None = None) -> tuple[Any, PreferenceReport]:
     """Load, validate and tokenize preference pairs into a dataset of prompt_ids / chosen_ids / rejected_ids."""
     from datasets import Dataset
 
-    check = template.check_roles if template is not None else None
+    check = template.check_roles
     pairs, identical = load_preference_pairs(files, data.format, check, data.drop_identical)
     if limit:
         pairs = pairs[:limit]

@@ -24,10 +24,10 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from self_model.core.errors import UserError
-from self_model.core.template import IGNORE_INDEX
+from self_model.template.chat_template import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from self_model.core.template import ChatTemplate
+    from self_model.template.chat_template import ChatTemplate
 
 
 class PieceEncoder:

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, is_dataclass
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from self_model.core.attention import restore_sdpa
 from self_model.core.config import ConfigError, redact, to_plain
 from self_model.core.errors import UserError
 from self_model.core.modeling import pick_precision
-from self_model.core.template import ChatTemplate
 
 logger = logging.getLogger("self_model")
 
@@ -146,7 +145,7 @@ class MetricsMixin:
 
 
 # ---- saving the result ---------------------------------------------------------------------------------
-def save_final(trainer: Any, tokenizer: Any, template: ChatTemplate | None, cfg: Any,
+def save_final(trainer: Any, tokenizer: Any, template: Any, cfg: Any,
                extra_files: dict[str, Any] | None = None) -> Path:
     """Write final/ atomically (final.tmp then rename), so a crash never leaves something that looks finished."""
     out = Path(trainer.args.output_dir)
@@ -157,10 +156,9 @@ def save_final(trainer: Any, tokenizer: Any, template: ChatTemplate | None, cfg:
     restore_sdpa(trainer.model)
     trainer.save_model(str(tmp))  # every rank takes part (DeepSpeed ZeRO-3 gathers); only rank 0 writes
     if trainer.is_world_process_zero():
-        if template is not None:
+        if template is not None:  # continued pretraining trains plain text: no template
             template.apply_to_tokenizer(tokenizer)
-            (tmp / "chat_template_source.json").write_text(
-                json.dumps(asdict(template), indent=2, ensure_ascii=False), encoding="utf-8")
+            template.save_source(tmp)
         tokenizer.save_pretrained(str(tmp))
         save_generation_config(trainer.model, tokenizer, template, tmp)
         plain = redact(to_plain(cfg))
@@ -175,7 +173,7 @@ def save_final(trainer: Any, tokenizer: Any, template: ChatTemplate | None, cfg:
     return final
 
 
-def save_generation_config(model: Any, tokenizer: Any, template: ChatTemplate | None, folder: Path) -> None:
+def save_generation_config(model: Any, tokenizer: Any, template: Any, folder: Path) -> None:
     """A generation config whose eos ids include the template's end-of-turn token(s)."""
     from transformers import GenerationConfig
 
@@ -194,17 +192,24 @@ def logged_losses(trainer: Any) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def dataclass_dict(obj: Any) -> dict[str, Any]:
-    return asdict(obj) if is_dataclass(obj) else dict(obj)
+def train_and_save(trainer: Any, cfg: Any, resume: str | None, tokenizer: Any, template: Any,
+                   run_info: dict[str, Any], finish: Callable[[Any], dict[str, Any]] | None = None,
+                   hint: str = "Lower the learning rate.") -> tuple[Path, dict[str, Any]]:
+    """The lifecycle every stage shares once its run folder is prepared (`prepare_output_dir`) and its trainer built:
 
-
-def train_checked(trainer: Any, resume: str | None, trace: str, hint: str = "Lower the learning rate.") -> list[float]:
-    """Train, close the tracker's run, and refuse to go on to final/ when a logged loss is not finite."""
+    run info -> train -> refuse a diverged run (no final/) -> `finish(trainer)`, the stage's own results
+    ({file name: JSON payload}, written into final/) -> final/ -> the tracker's run closed, also on failure.
+    Returns final/ and the stage's results.
+    """
     from self_model.core.tracking import finish_tracking
 
-    trainer.train(resume_from_checkpoint=resume)
-    finish_tracking(trace)
-    losses = logged_losses(trainer)
-    if losses and not all(math.isfinite(x) for x in losses):
-        raise UserError(f"training diverged (loss {losses[-1]}); no final/ was written. {hint}")
-    return losses
+    write_run_info(trainer.args.output_dir, cfg, run_info)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        losses = logged_losses(trainer)
+        if losses and not all(math.isfinite(x) for x in losses):
+            raise UserError(f"training diverged (loss {losses[-1]}); no final/ was written. {hint}")
+        results = finish(trainer) if finish else {}
+        return save_final(trainer, tokenizer, template, cfg, results), results
+    finally:
+        finish_tracking(cfg.trace)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from self_model.core.data import MAX_SHOWN, RowError, iter_rows, validate_conversation
+from self_model.core.conversations import MAX_SHOWN, RowError, iter_rows, validate_conversation
 from self_model.core.errors import DataError, UserError
-from self_model.core.template import ChatTemplate
+from self_model.template.resolve import Template
 
 Message = dict[str, Any]
 ROW_SHAPES = ('{"question": "...", "answer": "..."}', '{"prompt": "..." or [messages], "ground_truth": "..."}',
@@ -129,15 +129,12 @@ def load_prompts(paths: str | list[str], system_prompt: str | None = None) -> li
     return rows
 
 
-def prompt_length(tokenizer: Any, template: ChatTemplate | None, messages: list[Message]) -> int:
+def prompt_length(tokenizer: Any, template: Template, messages: list[Message]) -> int:
     """Tokens of the prompt as rendered for generation (template, generation prompt included)."""
-    if template is not None:
-        return len(template.prompt_ids(tokenizer, messages))
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return len(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+    return len(template.prompt_ids(tokenizer, messages))
 
 
-def build_prompts(files: str | list[str], tokenizer: Any, template: ChatTemplate | None, ppo: Any,
+def build_prompts(files: str | list[str], tokenizer: Any, template: Template, ppo: Any,
                   limit: int | None = None) -> tuple[list[dict[str, Any]], PromptReport]:
     """Load, validate and measure the prompts; apply `prompt_truncation` to those over `max_prompt_length`."""
     rows = load_prompts(files, ppo.system_prompt)
@@ -145,7 +142,7 @@ def build_prompts(files: str | list[str], tokenizer: Any, template: ChatTemplate
         rows = rows[:limit]
     report = PromptReport(rows=len(rows), max_prompt_length=ppo.max_prompt_length, policy=ppo.prompt_truncation)
     problems = [f"{row['source']}: {reason}" for row in rows
-                if template is not None and (reason := template.check_roles(row["messages"]))]
+                if (reason := template.check_roles(row["messages"]))]
     if problems:
         raise DataError(problems[:MAX_SHOWN], total=len(problems))
     kept, too_long = [], []
@@ -177,7 +174,8 @@ def check_enough_prompts(rows: list[dict[str, Any]], ppo: Any) -> None:
 
 def load_prompt_data(cfg: Any) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any]]:
     """Tokenizer, template-rendered train (and eval) prompts and their report: what both backends start from."""
-    from self_model.core.modeling import load_tokenizer, resolve_template
+    from self_model.core.modeling import load_tokenizer
+    from self_model.template.resolve import resolve_template
 
     ppo = cfg.ppo
     tokenizer = load_tokenizer(cfg)

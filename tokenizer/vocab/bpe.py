@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from self_model.core.errors import UserError
-from self_model.core.vocab import Side, space_variant
+from tokenizer.vocab.extend import Side, space_variant
 
 logger = logging.getLogger("self_model")
 
@@ -277,7 +277,7 @@ def write_merged_bpe(base_folder: Path, base_file: Path, candidates: list[dict[s
     """Write the merged tokenizer into `out` (the merged tokenizer.json + the base's side files: chat template,
     special tokens) and load both with transformers, as training will. Returns the merge report, the two
     tokenizers as the checks see them, and the new ids."""
-    from self_model.core.vocab import copy_side_files, hf_preserved, hf_side, hf_tokenizer
+    from tokenizer.vocab.extend import copy_side_files, hf_preserved, hf_side, hf_tokenizer
 
     result = merge_bpe(load_json(base_file), [(c["token"], c["source"]) for c in candidates])
     load_merged(result.tokenizer_json)  # tokenizers itself must accept it

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from self_model.core.errors import UserError
-from self_model.core.vocab import Side, space_variant
-from self_model.core.vocab_bpe import NewToken
+from tokenizer.vocab.bpe import NewToken
+from tokenizer.vocab.extend import Side, space_variant
 
 logger = logging.getLogger("self_model")
 
@@ -306,7 +306,7 @@ def write_merged_sp(base_folder: Path, base_file: Path, candidates: list[dict[st
                     trust_remote_code: bool) -> tuple[dict[str, Any], Side, Side, set[int]]:
     """Write the merged model under the base's file name plus the base's side files (not a tokenizer.json: it
     would hold the old vocabulary; transformers converts the .model when it loads the folder)."""
-    from self_model.core.vocab import copy_side_files, hf_tokenizer
+    from tokenizer.vocab.extend import copy_side_files, hf_tokenizer
 
     base = load_proto(base_file)
     reserved = reserved_tokens(base_folder, len(base.pieces))

@@ -10,17 +10,12 @@ import torch
 
 from self_model.core.attention import use_varlen_attention
 from self_model.core.modeling import apply_peft, check_vocab, count_parameters, init_deepspeed_comm, load_causal_lm
-from self_model.core.schema import FinetuneConfig, StageConfig
-from self_model.core.sft import (
-    TokenizeReport,
-    accepts_logits_to_keep,
-    encode_with_template,
-    make_collator,
-    render_marked,
-)
-from self_model.core.template import ChatTemplate
+from self_model.core.run import MetricsMixin, build_training_args
+from self_model.core.stage_config import StageConfig
 from self_model.core.tracking import setup_tracking
-from self_model.core.training import MetricsMixin, build_training_args
+from self_model.fine_tuning.config import FinetuneConfig
+from self_model.fine_tuning.data import TokenizeReport, accepts_logits_to_keep, make_collator, render_marked
+from self_model.template.resolve import Template
 
 logger = logging.getLogger("self_model")
 
@@ -90,7 +85,7 @@ def estimate_trainable(cfg: StageConfig) -> tuple[int, int]:
     return count_parameters(model)
 
 
-def print_plan(cfg: FinetuneConfig, targs: Any, tokenizer: Any, template: ChatTemplate | None, train: Any,
+def print_plan(cfg: FinetuneConfig, targs: Any, tokenizer: Any, template: Template, train: Any,
                report: TokenizeReport, eval_report: TokenizeReport | None) -> None:
     """--dry-run: what would be trained, on how much data, and one sample with its trained span marked."""
     args = dict(cfg.training_args)
@@ -103,7 +98,7 @@ def print_plan(cfg: FinetuneConfig, targs: Any, tokenizer: Any, template: ChatTe
     print("\n=== dry run: nothing is trained ===")
     print(f"model:      {cfg.model_name_or_path} ({mode}); trainable {trainable:,} of {total:,} parameters "
           f"({100 * trainable / max(total, 1):.2f}%)")
-    print(f"template:   {template.name if template else 'the tokenizer chat_template'}")
+    print(f"template:   {template.name}")
     print(f"train data: {summary['rows_in']} rows -> {summary['rows_out']} samples; tokens {summary['tokens']}; "
           f"trained tokens {summary['trained_tokens']}")
     print(f"length:     max_length {cfg.data.max_length}; truncated {summary['truncated']}, dropped too long "
@@ -117,10 +112,10 @@ def print_plan(cfg: FinetuneConfig, targs: Any, tokenizer: Any, template: ChatTe
     print_samples(tokenizer, template, cfg.data.mask_history, report)
 
 
-def print_samples(tokenizer: Any, template: ChatTemplate | None, mask_history: bool, report: TokenizeReport) -> None:
+def print_samples(tokenizer: Any, template: Template, mask_history: bool, report: TokenizeReport) -> None:
     """One rendered sample per data format, the trained tokens between [[ and ]]."""
     print("\none rendered sample per data format; the trained tokens are between [[ and ]]:")
     for fmt, sample in report.examples.items():
-        ids, labels = encode_with_template(tokenizer, template, sample["messages"], mask_history, sample.get("tools"))
+        ids, labels = template.encode(tokenizer, sample["messages"], mask_history, sample.get("tools"))
         print(f"\n--- format '{fmt}' ({sample['source']}) ---")
         print(render_marked(tokenizer, ids, labels))

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from self_model.core.config import existing_files
-from self_model.core.corpus import CorpusStats, iter_documents, resolve_corpus
+from self_model.core.corpus import CorpusStats, corpus_paths, iter_documents, resolve_corpus
 from self_model.core.errors import UserError
-from self_model.core.schema import corpus_paths, local_or_hub
+from self_model.core.stage_config import local_or_hub
+from self_model.core.vocab_file import EXTENSION_FILE
 
 logger = logging.getLogger("self_model")
 
@@ -29,8 +30,6 @@ KINDS = {
                       "GPT-2)",
     "sentencepiece": "a SentencePiece model file, tokenizer.model or *.model (Llama-2, Baichuan, ChatGLM)",
 }
-# Written into the merged tokenizer (the report and every new token) and into the resized model.
-EXTENSION_FILE = "vocab_extension.json"
 # Tokenizer files copied from the base next to the merged vocabulary (the chat template, special tokens, remote
 # code). vocab.json / merges.txt and a SentencePiece base's tokenizer.json are left out: they would be stale.
 TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
@@ -149,7 +148,7 @@ def local_tokenizer_folder(name: str) -> Path:
 
 def detect_kind(name: str) -> BaseTokenizer:
     """Which supported kind the base tokenizer is; anything else is refused with the supported kinds."""
-    from self_model.core.vocab_bpe import bpe_problem
+    from tokenizer.vocab.bpe import bpe_problem
 
     folder = local_tokenizer_folder(name)
     given = Path(name) if Path(name).is_file() else None
@@ -254,15 +253,6 @@ def read_extension(folder: str | Path, key: str) -> dict[str, Any]:
         raise UserError(f"{key}: {folder} holds no {EXTENSION_FILE}, so it was not written by "
                         "tokenizer/merge_tokenizer.py; run that first (same --config)")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def extension_rows(model_path: str | Path) -> list[int]:
-    """Embedding rows added by tokenizer/resize_model.py to the model saved at `model_path` (empty otherwise):
-    continued pretraining trains them in full, also with LoRA."""
-    path = Path(str(model_path)) / EXTENSION_FILE
-    if not path.is_file():
-        return []
-    return list(json.loads(path.read_text(encoding="utf-8")).get("resize", {}).get("new_rows", []))
 
 
 # ---- the domain tokenizer's candidates (train_domain_tokenizer.py -> merge_tokenizer.py) ---------------------

@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from self_model.core import rlhf_model
 from self_model.core.errors import ConfigError
 from self_model.core.modeling import count_parameters
-from self_model.core.preference import TOKENIZED_COLUMNS, PreferenceReport
-from self_model.core.rlhf_model import PolicyModels as DPOModels
-from self_model.core.schema import RLHFConfig
-from self_model.core.template import ChatTemplate
+from self_model.core.run import MetricsMixin, build_training_args
 from self_model.core.tracking import setup_tracking
-from self_model.core.training import MetricsMixin, build_training_args, save_final
+from self_model.rlhf import policy as rlhf_model
+from self_model.rlhf.config import DPOStageConfig
+from self_model.rlhf.dpo.data import TOKENIZED_COLUMNS, PreferenceReport
+from self_model.rlhf.policy import PolicyModels as DPOModels
+from self_model.template.resolve import Template
 
 logger = logging.getLogger("self_model")
 
@@ -44,7 +43,7 @@ DPO_DEFAULTS: dict[str, Any] = {
 }
 
 
-def dpo_training_args(cfg: RLHFConfig) -> Any:
+def dpo_training_args(cfg: DPOStageConfig) -> Any:
     from trl import DPOConfig
 
     run_name = os.path.basename(os.path.normpath(cfg.training_args["output_dir"]))
@@ -56,19 +55,20 @@ def dpo_training_args(cfg: RLHFConfig) -> Any:
     return build_training_args(values, DPOConfig, defaults)
 
 
-def describe_reference(cfg: RLHFConfig, precompute: bool) -> str:
+def describe_reference(cfg: DPOStageConfig, precompute: bool) -> str:
     """What the reference model is for this config (logged, printed by --dry-run, saved in the run folder)."""
     return rlhf_model.describe_reference(cfg, "DPO", precompute)
 
 
-def load_dpo_models(cfg: RLHFConfig, tokenizer: Any, args: Any) -> DPOModels:
+def load_dpo_models(cfg: DPOStageConfig, tokenizer: Any, args: Any) -> DPOModels:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     return rlhf_model.load_policy(cfg, tokenizer, dtype, args.gradient_checkpointing, "DPO",
                                   reference_copy=not args.precompute_ref_log_probs,
                                   precompute=args.precompute_ref_log_probs)
 
 
-def build_dpo_trainer(cfg: RLHFConfig, models: DPOModels, tokenizer: Any, args: Any, train: Any, eval_: Any) -> Any:
+def build_dpo_trainer(cfg: DPOStageConfig, models: DPOModels, tokenizer: Any, args: Any, train: Any,
+                      eval_: Any) -> Any:
     from trl import DPOTrainer
 
     class DPORunTrainer(MetricsMixin, DPOTrainer):
@@ -95,11 +95,15 @@ def build_dpo_trainer(cfg: RLHFConfig, models: DPOModels, tokenizer: Any, args: 
     return trainer
 
 
-def save_dpo_final(trainer: Any, tokenizer: Any, template: ChatTemplate | None, cfg: RLHFConfig,
-                   extra_files: dict[str, Any]) -> Path:
-    """final/ as for SFT; the frozen reference adapter is dropped first (it is the SFT adapter, already on disk)."""
+def dpo_results(trainer: Any, report: PreferenceReport, eval_report: PreferenceReport | None,
+                reference: str) -> dict[str, Any]:
+    """After training: the report written into final/; the frozen reference adapter is dropped so that final/
+    holds the trained policy only (the reference is the SFT adapter, already on disk)."""
+    dpo_report = {"train_data": report.summary(), "reference": reference, "train": last_metrics(trainer)}
+    if eval_report is not None:
+        dpo_report.update(eval_data=eval_report.summary(), eval=last_metrics(trainer, "eval_"))
     rlhf_model.drop_reference_adapter(trainer.accelerator.unwrap_model(trainer.model))
-    return save_final(trainer, tokenizer, template, cfg, extra_files)
+    return {"data_report.json": dpo_report}
 
 
 def last_metrics(trainer: Any, prefix: str = "") -> dict[str, float]:
@@ -112,10 +116,10 @@ def last_metrics(trainer: Any, prefix: str = "") -> dict[str, float]:
     return found
 
 
-def print_dpo_plan(cfg: RLHFConfig, args: Any, tokenizer: Any, template: ChatTemplate | None,
+def print_dpo_plan(cfg: DPOStageConfig, args: Any, tokenizer: Any, template: Template,
                    report: PreferenceReport, eval_report: PreferenceReport | None) -> None:
     """--dry-run: what would be trained and against which reference, on how much data, and one pair."""
-    from self_model.core.preference import encode_pair
+    from self_model.rlhf.dpo.data import encode_pair
 
     mode = "QLoRA" if cfg.peft.qlora else ("LoRA" if cfg.peft.enabled else "full")
     summary = report.summary()
@@ -123,7 +127,7 @@ def print_dpo_plan(cfg: RLHFConfig, args: Any, tokenizer: Any, template: ChatTem
     print("\n=== dry run: nothing is trained ===")
     print(f"model:      {cfg.model_name_or_path} ({mode} DPO); loss {losses}, beta {cfg.beta}")
     print(f"reference:  {describe_reference(cfg, args.precompute_ref_log_probs)}")
-    print(f"template:   {template.name if template else 'the tokenizer chat_template'}")
+    print(f"template:   {template.name}")
     print(f"train data: {summary['rows_in']} rows -> {summary['pairs_out']} pairs; identical dropped "
           f"{summary['identical_dropped']}")
     print(f"length:     max_length {summary['max_length']} ({summary['truncation']}); "

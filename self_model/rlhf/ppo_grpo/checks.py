@@ -76,7 +76,7 @@ def verl_loggers() -> list[str]:
 
 def reward_specs(value: list[str], path: str) -> list[str]:
     """Field check: built-in reward names, or path/to/file.py:function (imported later, by the PPO / GRPO scripts)."""
-    from self_model.core.rewards import spec_problem
+    from self_model.rlhf.ppo_grpo.rewards import spec_problem
 
     return [f"{path}[{i}]: {problem}" for i, spec in enumerate(value) if (problem := spec_problem(spec))]
 
@@ -200,7 +200,7 @@ def verl_problems(cfg: Any, algorithm: str) -> list[str]:
 
 def reward_import_problems(specs: list[str]) -> list[str]:
     """Import each path:function reward now and check its signature (built-ins need nothing)."""
-    from self_model.core.rewards import load_reward, split_spec
+    from self_model.rlhf.ppo_grpo.rewards import load_reward, split_spec
 
     errors = []
     for i, spec in enumerate(specs):

@@ -14,7 +14,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from self_model.core.template import ChatTemplate
+    from self_model.template.chat_template import ChatTemplate
 
 
 def expr(text: str, slots: dict[str, str] | None = None) -> str:

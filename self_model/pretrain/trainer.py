@@ -23,11 +23,12 @@ from self_model.core.modeling import (
     module_name,
     quantization_config,
 )
-from self_model.core.pretrain_data import BlockReport
-from self_model.core.schema import PeftConfig, PretrainConfig
+from self_model.core.run import MetricsMixin, build_training_args
+from self_model.core.stage_config import PeftConfig
 from self_model.core.tracking import setup_tracking
-from self_model.core.training import MetricsMixin, build_training_args
-from self_model.core.vocab import extension_rows
+from self_model.core.vocab_file import extension_rows
+from self_model.pretrain.config import PretrainConfig
+from self_model.pretrain.data import BlockReport
 
 logger = logging.getLogger("self_model")
 

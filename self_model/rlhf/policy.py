@@ -20,7 +20,7 @@ import torch
 
 from self_model.core.errors import UserError
 from self_model.core.modeling import check_target_modules, check_vocab, load_causal_lm, lora_config
-from self_model.core.schema import RLHFConfig
+from self_model.rlhf.config import AlignmentConfig
 
 logger = logging.getLogger("self_model")
 REF_ADAPTER = "ref"  # the name trl gives the frozen copy of a pre-trained adapter
@@ -34,7 +34,7 @@ class PolicyModels:
     reference: str  # what the reference is, in words (logged, printed by --dry-run, saved with the result)
 
 
-def describe_reference(cfg: RLHFConfig, stage: str, precompute: bool = False) -> str:
+def describe_reference(cfg: AlignmentConfig, stage: str, precompute: bool = False) -> str:
     """What the reference model is for this config."""
     adapter = cfg.adapter_name_or_path
     scored = "; scored once before training (precompute_ref_log_probs)" if precompute else ""
@@ -51,7 +51,7 @@ def describe_reference(cfg: RLHFConfig, stage: str, precompute: bool = False) ->
     return start + "kept as a separate frozen copy"
 
 
-def load_policy(cfg: RLHFConfig, tokenizer: Any, dtype: torch.dtype, gradient_checkpointing: bool, stage: str,
+def load_policy(cfg: AlignmentConfig, tokenizer: Any, dtype: torch.dtype, gradient_checkpointing: bool, stage: str,
                 reference_copy: bool, precompute: bool = False) -> PolicyModels:
     """The model to train and, for full training with `reference_copy`, a frozen copy of it as the reference."""
     model = load_causal_lm(cfg, dtype)
@@ -77,7 +77,7 @@ def load_policy(cfg: RLHFConfig, tokenizer: Any, dtype: torch.dtype, gradient_ch
     return PolicyModels(model, copy.deepcopy(model).eval().requires_grad_(False), None, reference)
 
 
-def warn_if_shape_differs(cfg: RLHFConfig, loaded: Any, stage: str) -> None:
+def warn_if_shape_differs(cfg: AlignmentConfig, loaded: Any, stage: str) -> None:
     """peft.lora_* / target_modules do not apply to a continued adapter: say so when they ask for something else."""
     ours = {"lora_r": cfg.peft.lora_r, "lora_alpha": cfg.peft.lora_alpha, "target_modules": cfg.peft.target_modules}
     theirs = {"lora_r": loaded.r, "lora_alpha": loaded.lora_alpha, "target_modules": loaded.target_modules}
@@ -99,7 +99,7 @@ def load_adapter(model: Any, adapter: str, trainable: bool) -> Any:
                         f"{str(exc)[:400]}\nIs it an adapter trained on this base model?") from None
 
 
-def check_reference_adapter(cfg: RLHFConfig, model: Any) -> None:
+def check_reference_adapter(cfg: AlignmentConfig, model: Any) -> None:
     """After trl wrapped the model: with an SFT adapter, trl must hold a frozen copy of it (the reference)."""
     from peft import PeftModel
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from self_model.core import rewards
 from self_model.core.errors import ConfigError, UserError
-from self_model.core.rl_checks import kl_enabled
-from self_model.core.schema import PPOStageConfig
+from self_model.rlhf.config import RLStageConfig, log_unread_sections
+from self_model.rlhf.ppo_grpo import rewards
+from self_model.rlhf.ppo_grpo.checks import kl_enabled
 
 logger = logging.getLogger("self_model")
 VERL_ENTRY = "verl.trainer.main_ppo"
@@ -73,7 +73,7 @@ def _reward_spec(spec: str) -> str:
     return spec if parts is None else f"{Path(parts[0]).resolve()}:{parts[1]}"
 
 
-def _lora(cfg: PPOStageConfig) -> dict[str, Any]:
+def _lora(cfg: RLStageConfig) -> dict[str, Any]:
     if not cfg.peft.enabled:
         return {}
     r, alpha, targets = cfg.peft.lora_r, cfg.peft.lora_alpha, cfg.peft.target_modules
@@ -88,7 +88,7 @@ def _lora(cfg: PPOStageConfig) -> dict[str, Any]:
     return out
 
 
-def verl_overrides(cfg: PPOStageConfig, run_dir: Path, tokenizer_dir: str, has_eval: bool) -> list[str]:
+def verl_overrides(cfg: RLStageConfig, run_dir: Path, tokenizer_dir: str, has_eval: bool) -> list[str]:
     """`ppo:` (and the shared model keys) as overrides of verl's ppo_trainer.yaml; extra_overrides win."""
     ppo, algorithm = cfg.ppo, cfg.algorithm
     run_dir, model = run_dir.resolve(), _local(cfg.model_name_or_path)
@@ -139,7 +139,7 @@ def verl_overrides(cfg: PPOStageConfig, run_dir: Path, tokenizer_dir: str, has_e
     return merge_overrides([f"{k}={hydra_value(v)}" for k, v in values.items()], ppo.extra_overrides)
 
 
-def _reward_overrides(cfg: PPOStageConfig) -> dict[str, Any]:
+def _reward_overrides(cfg: RLStageConfig) -> dict[str, Any]:
     reward = cfg.ppo.reward
     if reward.reward_model_name_or_path and not reward.functions:
         return {"reward.reward_model.enable": True, "reward.reward_model.model_path":
@@ -180,19 +180,18 @@ class VerlRun:
     command: str
 
 
-def prepare_verl_run(cfg: PPOStageConfig, tokenizer: Any, template: Any, train_rows: list[dict[str, Any]],
+def prepare_verl_run(cfg: RLStageConfig, tokenizer: Any, template: Any, train_rows: list[dict[str, Any]],
                      eval_rows: list[dict[str, Any]] | None, report: dict[str, Any], validate: bool) -> VerlRun:
     """Check the overrides with verl (when `validate`), then write parquet, tokenizer, run info, verl_overrides.txt."""
-    from self_model.core.rl_data import verl_rows, write_parquet
-    from self_model.core.training import FINAL_DIR, write_run_info
+    from self_model.core.run import FINAL_DIR, write_run_info
+    from self_model.rlhf.ppo_grpo.data import verl_rows, write_parquet
 
     run_dir = Path(cfg.output_dir)
     if (run_dir / FINAL_DIR).exists():
         raise UserError(f"{run_dir} holds a finished run ({run_dir / FINAL_DIR} exists); it is never overwritten. "
                         f"Choose another ppo.output_dir (e.g. ppo.output_dir={run_dir}-2).")
     tokenizer_dir = str((run_dir / "tokenizer").resolve())
-    if template is not None:
-        template.apply_to_tokenizer(tokenizer)  # verl renders prompts with the tokenizer's chat_template
+    template.apply_to_tokenizer(tokenizer)  # verl renders prompts with the tokenizer's chat_template
     tokenizer.save_pretrained(tokenizer_dir)  # first: verl's validation loads it (PPO's critic config)
     overrides = verl_overrides(cfg, run_dir, tokenizer_dir, has_eval=bool(eval_rows))
     if validate:
@@ -208,11 +207,13 @@ def prepare_verl_run(cfg: PPOStageConfig, tokenizer: Any, template: Any, train_r
     return VerlRun(run_dir, overrides, command)
 
 
-def run_verl(cfg: PPOStageConfig, dry_run: bool = False) -> Path | None:
+def run_verl(cfg: RLStageConfig, dry_run: bool = False) -> Path | None:
     """The whole verl path: data -> run folder -> verl's own validation -> launch (unless prepare_only / dry run)."""
-    from self_model.core.rl_data import load_prompt_data
+    from self_model.rlhf.ppo_grpo.data import load_prompt_data
 
     ppo = cfg.ppo
+    log_unread_sections(cfg, f"train_{cfg.algorithm}.py (verl)",
+                        f"output: ppo.output_dir={cfg.output_dir}, learning rate: ppo.actor_lr")
     if not (dry_run or ppo.prepare_only):
         require_verl()
     (tokenizer, template), train, eval_, data = load_prompt_data(cfg)

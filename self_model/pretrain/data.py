@@ -29,8 +29,8 @@ from typing import Any
 
 from self_model.core.corpus import CorpusStats, file_signature, iter_documents, read_strict, resolve_corpus
 from self_model.core.errors import DataError, UserError
-from self_model.core.schema import PretrainConfig
-from self_model.core.template import IGNORE_INDEX
+from self_model.pretrain.config import PretrainConfig
+from self_model.template.chat_template import IGNORE_INDEX
 
 logger = logging.getLogger("self_model")
 

@@ -1,0 +1,106 @@
+"""The YAML keys every training stage shares: model, tokenizer, template, `peft:`, `trace:`, `training_args:`.
+
+A stage's own sections live in its package (`self_model/<stage>/config.py`) and subclass `StageConfig`. Backend
+arguments (`training_args:`) are not re-declared: they are checked against the backend's own class
+(`transformers.TrainingArguments`, trl's `DPOConfig`, ...) by `self_model.core.backend_args`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from self_model.core.backend_args import check_training_args
+from self_model.core.config import existing_files
+
+
+def check_transformers_args(args: dict[str, Any], path: str) -> list[str]:
+    missing = [] if "output_dir" in args else [f"{path}.output_dir: required key is missing (where the run goes)"]
+    return missing + check_training_args(args)
+
+
+def local_or_hub(value: str, path: str) -> list[str]:
+    """A local folder, or something shaped like a hub id (org/name); a missing local path is named now."""
+    if Path(value).exists() or (value.count("/") == 1 and not value.startswith((".", "/", "~"))):
+        return []
+    hint = ""
+    if "tiny" in value:
+        hint = ("; build the embedded tiny model with: "
+                f"uv run python self_model/tools/make_tiny_model.py --output {value}")
+    return [f"{path}: no such folder: {value} (and not a hub id of the form org/name){hint}"]
+
+
+@dataclass
+class PeftConfig:
+    """`peft:` LoRA / QLoRA. Disabled means full fine-tuning."""
+
+    enabled: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # Module names to adapt, or "all-linear" for every linear layer but the LM head.
+    target_modules: list[str] | str = "all-linear"
+    # Modules trained in full next to the adapter (e.g. embed_tokens, lm_head after vocabulary growth).
+    modules_to_save: list[str] | None = None
+    # 4-bit base weights (bitsandbytes); needs enabled: true.
+    qlora: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        if self.qlora and not self.enabled:
+            raise ValueError("peft.qlora: true needs peft.enabled: true (QLoRA trains a LoRA adapter on a 4-bit base)")
+        if self.lora_r <= 0:
+            raise ValueError(f"peft.lora_r must be positive, got {self.lora_r}")
+
+
+@dataclass
+class ChatDataConfig:
+    """The `data:` keys SFT and DPO share: files, length limit and its policy, format, sample cap."""
+
+    train_file: str | list[str] = field(metadata={"check": existing_files})
+    eval_file: str | list[str] | None = field(default=None, metadata={"check": existing_files})
+    # Longest sample in tokens (DPO: prompt + reply, chosen and rejected each); longer ones follow `truncation`.
+    max_length: int = 1024
+    # auto detects each row's format; or one of the registered formats (see README).
+    format: str = "auto"
+    # truncate: cut at max_length; drop: leave the sample out. Both are counted and reported.
+    truncation: Literal["truncate", "drop"] = "truncate"
+    # Use at most this many training rows (quick experiments).
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be at least 8, got {self.max_length}")
+
+
+
+
+@dataclass
+class StageConfig:
+    """Keys every training stage shares."""
+
+    model_name_or_path: str = field(metadata={"check": local_or_hub})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"check": local_or_hub})
+    # A template file (self_model/template/*.json or your own) ...
+    template_path: str | None = field(default=None, metadata={"check": existing_files})
+    # ... or a shipped template by name. Neither: the tokenizer's own chat_template.
+    template: str | None = None
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    trace: Literal["none", "wandb", "swanlab"] = "none"
+    # Run code shipped with a hub model (ChatGLM3, Baichuan2). Off unless you trust the repository.
+    trust_remote_code: bool = False
+    # Passed to the backend's arguments class and checked against its fields.
+    training_args: dict[str, Any] = field(default_factory=dict, metadata={"check": check_transformers_args})
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer_name_or_path or self.model_name_or_path
+
+    def validate_paths(self) -> list[str]:
+        if self.template_path and self.template:
+            return ["template / template_path: set one of them, not both"]
+        return []
+
+

@@ -1,0 +1,1 @@
+"""self_model/rlhf/ppo_grpo"""
