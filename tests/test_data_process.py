@@ -113,7 +113,7 @@ def test_shared_medicalgpt_files_normalize_and_feed_the_trainers(tmp_path: Path,
         if kind == "sft":
             assert len(load_conversations([str(f) for f in files])) == len(kept)
         elif kind == "preference":
-            from self_model.rlhf.dpo.data import load_preference_pairs
+            from self_model.core.preferences import load_preference_pairs
 
             pairs, identical = load_preference_pairs([str(f) for f in files])
             assert len(pairs) == len(kept) and not identical
@@ -140,7 +140,7 @@ def test_sft_output_loads_in_the_finetune_loader(tmp_path: Path) -> None:
 
 def test_cleaning_rules() -> None:
     cfg = ProcessConfig()
-    assert clean_text("ｆｕｌｌ\u3000width，", cfg) == "full width,"  # NFKC
+    assert clean_text("ｆｕｌｌ\u3000width，", ProcessConfig(unicode_form="NFKC")) == "full width,"  # NFKC
     assert clean_text("a\x00b\x1bc\ufeffd\u200be", cfg) == "abcde"
     assert clean_text("def f():\r\n    return 1   \r\n\r\n\r\n\r\nx", cfg) == "def f():\n    return 1\n\nx"
     assert clean_text("ｆｕｌｌ，", ProcessConfig(unicode_form="NFC")) == "ｆｕｌｌ，"

@@ -14,8 +14,9 @@ import yaml
 
 from self_model.core.config import load_config
 from self_model.core.errors import ConfigError, DataError
+from self_model.core.preferences import load_preference_pairs
 from self_model.rlhf.config import DPODataConfig, DPOStageConfig, dpo_loss_types
-from self_model.rlhf.dpo.data import build_preference_dataset, encode_pair, load_preference_pairs
+from self_model.rlhf.dpo.data import build_preference_dataset, encode_pair
 from self_model.template.chat_template import IGNORE_INDEX, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,3 +244,20 @@ def test_tool_definitions_reach_the_prompt(tmp_path: Path, tiny_tokenizer: Any) 
     pairs, _ = load_preference_pairs(str(write_jsonl(tmp_path / "pairs.jsonl", [row])))
     prompt_ids, _, _ = encode_pair(tiny_tokenizer, QWEN, pairs[0])
     assert "<tools>" in tiny_tokenizer.decode(prompt_ids) and "lookup_drug" in tiny_tokenizer.decode(prompt_ids)
+
+
+def test_a_tool_call_reply_keeps_its_call(tmp_path: Path) -> None:
+    """A preferred reply that is a tool call (LLaMA-Factory's function_call turn, or OpenAI tool_calls) stays one."""
+    rows = [{"conversations": [{"from": "human", "value": "北京天气？"}],
+             "chosen": {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "北京"}}'},
+             "rejected": {"from": "gpt", "value": "不知道。"}},
+            {"conversations": [{"from": "human", "value": "上海天气？"}],
+             "chosen": {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "上海"}'}}]},
+             "rejected": {"from": "gpt", "value": "不知道。"}}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    pairs, _ = load_preference_pairs(str(path))
+    calls = [p["chosen"]["tool_calls"][0]["function"] for p in pairs]
+    assert calls == [{"name": "get_weather", "arguments": {"city": "北京"}},
+                     {"name": "get_weather", "arguments": {"city": "上海"}}]

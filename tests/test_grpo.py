@@ -3,6 +3,7 @@ the reward rises on a toy reward, the prompt data and its length policy, bad inp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -132,7 +133,7 @@ def test_dry_run_trains_nothing(make: Any, capsys: pytest.CaptureFixture[str]) -
 
 # ---- prompt data -------------------------------------------------------------------------------------------------
 def test_prompt_formats_give_the_same_rows(tmp_path: Path, shared_data: Path) -> None:
-    from self_model.rlhf.ppo_grpo.data import load_prompts
+    from self_model.core.prompt_rows import load_prompts
 
     rows = [{"question": "Q?", "answer": "A"}, {"prompt": "Q?", "ground_truth": "A"},
             {"prompt": [{"role": "user", "content": "Q?"}], "answer": "A"},
@@ -149,7 +150,7 @@ def test_prompt_formats_give_the_same_rows(tmp_path: Path, shared_data: Path) ->
 
 
 def test_bad_prompt_rows_are_listed_with_file_and_line(tmp_path: Path) -> None:
-    from self_model.rlhf.ppo_grpo.data import load_prompts
+    from self_model.core.prompt_rows import load_prompts
 
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join([json.dumps({"question": "Q?"}), json.dumps({"question": "Q?", "answer": ""}),
@@ -229,7 +230,7 @@ def test_trl_args_are_checked_against_grpo_config(make: Any) -> None:
 def test_ppo_on_trl_says_it_needs_verl(make: Any) -> None:
     import trl
 
-    text = problems(make, {}, PPOStageConfig)
+    text = problems(make, {"ppo.backend": "trl"}, PPOStageConfig)
     assert f"ppo.backend: trl cannot run PPO: trl {trl.__version__} has no PPO trainer" in text
     assert "Set ppo.backend: verl (uv sync --extra rlhf" in text and "train_grpo.py" in text
     assert "ppo.prepare_only: only means something for ppo.backend: verl" in problems(
@@ -256,9 +257,39 @@ def test_readme_grpo_command(sft_adapter: Path, tiny_model_dir: Path, tmp_path: 
     assert (out / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_readme_ppo_command_refuses_trl_and_exits_nonzero(sft_adapter: Path, tiny_model_dir: Path) -> None:
+def test_readme_ppo_command_writes_the_verl_job_here(sft_adapter: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The guide's PPO command on the shipped rlhf.yaml: ppo.backend auto sends PPO to verl; without verl or GPUs the
+    complete verl job is written and the message says what to run where (exit 0, nothing trained)."""
+    out = tmp_path / "ppo"
     result = run(["self_model/rlhf/train_ppo.py", "--config", "config/self_model_config/rlhf.yaml",
                   f"model_name_or_path={tiny_model_dir}", f"adapter_name_or_path={sft_adapter}",
-                  f"tokenizer_name_or_path={sft_adapter}"])
-    assert result.returncode == 2 and "ppo.backend: trl cannot run PPO" in result.stderr
-    assert "saved to" not in result.stdout
+                  f"tokenizer_name_or_path={sft_adapter}", f"ppo.output_dir={out}"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ppo.backend: auto -> verl for PPO" in result.stderr
+    assert "verl cannot train here: verl is not installed in this environment" in result.stdout
+    assert f"uv run --no-sync bash {out / 'verl_overrides.txt'}" in result.stdout
+    command = (out / "verl_overrides.txt").read_text()
+    assert "verl.trainer.main_ppo" in command and "algorithm.adv_estimator=gae" in command
+    assert (out / "data" / "train.parquet").is_file() and not (out / "final").exists()
+
+
+def test_guide_top_level_reward_model_is_used_as_ppo_reward(make: Any, tiny_model_dir: Path) -> None:
+    """The original guide writes reward_model_name_or_path at the top level of rlhf.yaml."""
+    cfg = make({"reward_model_name_or_path": str(tiny_model_dir), "ppo.reward.functions": "[]",
+                "ppo.reward.weights": "null"})
+    assert cfg.ppo.reward.reward_model_name_or_path == str(tiny_model_dir)
+    assert "ppo.reward: name at least one reward" in problems(make, {"ppo.reward.functions": "[]",
+                                                                     "ppo.reward.weights": "null"})
+    text = problems(make, {"reward_model_name_or_path": str(tiny_model_dir),
+                           "ppo.reward.reward_model_name_or_path": "org/other-rm"})
+    assert "name different models; keep one" in text
+
+
+def test_rollout_backend_is_read_by_trl_too(make: Any) -> None:
+    """rollout_backend: hf (the guide's value) is what trl does; vllm is trl's use_vllm, refused without a GPU."""
+    assert make({"ppo.rollout_backend": "hf"}).ppo.rollout_backend == "hf"
+    assert make({}).ppo.rollout_backend == "hf"  # null: hf on trl
+    if not (torch.cuda.is_available() and importlib.util.find_spec("vllm")):
+        assert "ppo.rollout_backend: vllm with backend trl needs vLLM and a GPU" in problems(
+            make, {"ppo.rollout_backend": "vllm"})
+    assert "is not a rollout of backend trl" in problems(make, {"ppo.rollout_backend": "sglang"})

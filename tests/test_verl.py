@@ -160,14 +160,19 @@ def test_dry_run_prints_the_command_and_writes_nothing(make: Any, capsys: pytest
     assert not Path(cfg.output_dir).exists()
 
 
-def test_backend_verl_without_verl_names_the_extra(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backend_verl_without_verl_writes_the_job_and_names_the_extra(make: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Without verl (or GPUs) nothing is launched: the complete job is written and the message says what to install
+    and run on the GPU machine (the guide's PPO command on a laptop)."""
     from self_model.rlhf import train_grpo
 
     monkeypatch.setattr(verl_backend, "verl_installed", lambda: False)
     cfg = make(overrides={"ppo.prepare_only": "false"})
-    with pytest.raises(UserError, match=r"verl is not installed.*uv sync --extra rlhf.*ppo.prepare_only=true"):
-        train_grpo.main(cfg)
-    assert not Path(cfg.output_dir).exists()
+    run_dir = train_grpo.main(cfg)
+    out = capsys.readouterr().out
+    assert "verl cannot train here: verl is not installed in this environment (the rlhf extra)" in out
+    assert "uv sync --extra rlhf" in out and f"bash {run_dir / verl_backend.OVERRIDES_FILE}" in out
+    assert (run_dir / verl_backend.OVERRIDES_FILE).is_file() and not (run_dir / "final").exists()
 
 
 def test_launch_runs_the_written_command_and_reports_verls_failure(make: Any, monkeypatch: pytest.MonkeyPatch,
@@ -180,6 +185,7 @@ def test_launch_runs_the_written_command_and_reports_verls_failure(make: Any, mo
     calls: list[list[str]] = []
     codes = iter([1, 0])
     monkeypatch.setattr(verl_backend, "verl_installed", lambda: True)
+    monkeypatch.setattr(verl_backend, "why_verl_cannot_run_here", lambda: None)  # as on a GPU machine
     monkeypatch.setattr(verl_backend, "validate_with_verl", lambda overrides: None)
     real_run = subprocess.run
 

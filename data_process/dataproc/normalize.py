@@ -1,61 +1,96 @@
 """Detect a row's format and convert it to the canonical record its training stage reads.
 
-| format | input keys | canonical record | read by |
-|---|---|---|---|
-| text | `text` (or `--text_field`), or a .txt line | `{"text": str}` | train_pretrain.py |
-| sharegpt / messages / alpaca | see self_model.core.conversations | `{"messages": [{"role", "content"}]}` | train_finetune.py |
-| preference | `chosen`, `rejected`, prompt | `{"messages": [prompt], "chosen": str, "rejected": str}` | train_dpo.py |
-| qa | `question` + `answer` | `{"question": str, "answer": str}` | GRPO / PPO |
+The readers and converters are the trainers' own (self_model.core), so this tool accepts exactly the rows the
+trainers accept and refuses the others with the trainers' messages; and every cleaned record is read back with
+the trainer's converter before it is kept (`check_structure`), so what is written is what the trainer reads.
 
-The chat converters are the ones the trainers use (self_model.core.conversations), so what this tool accepts is
-exactly what fine-tuning accepts. Preference and question/answer rows are checked first because a
-preference row with `conversations` would otherwise be taken for ShareGPT.
+    format       recognised by                     converted by        canonical record (read by)
+    text         `text` (--text_field), .txt line  -                   {"text": str} (train_pretrain.py)
+    sharegpt     `conversations`                   core.conversations  {"messages": [...], "tools"?: [...]}
+    messages     `messages`                        core.conversations  (train_finetune.py)
+    alpaca       `instruction` / `input`, `output` core.conversations
+    preference   `chosen` / `rejected`             core.preferences    {"messages": [prompt], "chosen": reply,
+                                                                       "rejected": reply, "tools"?} (train_dpo.py)
+    qa           `ground_truth`, or `answer` with  core.prompt_rows    {"question": str, "answer": str}, or
+                 `question` / `prompt` / `messages`                    {"prompt": [messages], "ground_truth": str}
+                                                                       (GRPO / PPO)
+
+Assistant tool calls stay in their message (`tool_calls`); a preference reply is a string, or a message object
+when it carries more than text. A qa row keeps `data_source`, `ability` and `extra_info` (the rewards read them).
+Preference and question/answer rows are recognised first: a preference row with `conversations` would otherwise
+be taken for ShareGPT, a prompt row with `messages` for a chat.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
-from self_model.core.conversations import RowError, detect_format, get_format, validate_conversation
+from self_model.core.conversations import FORMATS as CHAT_FORMATS
+from self_model.core.conversations import (
+    detect_format,
+    get_format,
+    refuse_kto_row,
+    row_tools,
+    validate_conversation,
+)
+from self_model.core.preferences import FORMATS as PREFERENCE_FORMATS
+from self_model.core.preferences import check_pair, detect_preference_format
+from self_model.core.prompt_rows import ROW_SHAPES, convert_row
+from self_model.core.rows import RowError
 
 KIND_OF = {"text": "text", "sharegpt": "sft", "messages": "sft", "alpaca": "sft", "preference": "preference",
            "qa": "qa"}
-EXAMPLES = {
-    "text": '{"text": "..."} or a .txt file, one sample a line',
-    "sharegpt": '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}',
-    "messages": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
-    "alpaca": '{"instruction": "...", "input": "...", "output": "..."}',
-    "preference": '{"conversations" | "messages" | "prompt" | "question": ..., "chosen": "...", "rejected": "..."}',
-    "qa": '{"question": "...", "answer": "..."}',
-}
+TEXT_KEYS = ("text", "question", "answer", "ground_truth", "chosen", "rejected")  # what cleaning and filters read
+MESSAGE_KEYS = ("messages", "prompt")  # lists of messages
+QA_METADATA = ("data_source", "ability", "extra_info")  # passed to the rewards; kept as they are
+
+
+def examples() -> str:
+    lines = ['text: {"text": "..."} or a .txt file, one sample a line']
+    lines += [f"{fmt.name}: {fmt.example}" for fmt in CHAT_FORMATS]
+    lines += [f"preference ({fmt.name}): {fmt.example}" for fmt in PREFERENCE_FORMATS]
+    lines += [f"qa: {shape}" for shape in ROW_SHAPES]
+    return "\n".join(f"    {line}" for line in lines)
+
+
+def is_prompt_row(row: dict[str, Any]) -> bool:
+    """A prompt with a reference answer (GRPO / PPO): the shapes core.prompt_rows reads."""
+    return "ground_truth" in row or ("answer" in row and any(key in row for key in ("question", "prompt", "messages")))
 
 
 def detect(row: dict[str, Any], text_field: str) -> str:
-    if "chosen" in row and "rejected" in row:
+    if "chosen" in row or "rejected" in row:
         return "preference"
-    if "question" in row and "answer" in row:
+    if is_prompt_row(row):
         return "qa"
     try:
         return detect_format(row)
     except RowError:
         if text_field in row:
             return "text"
-    examples = "\n".join(f"    {name}: {example}" for name, example in EXAMPLES.items())
-    raise RowError(f"unrecognised row with keys {sorted(row)}; expected one of:\n{examples}")
+    raise RowError(f"unrecognised row with keys {sorted(row)}; expected one of:\n{examples()}")
 
 
 def convert(fmt: str, row: dict[str, Any], text_field: str) -> dict[str, Any]:
-    """The canonical record of `row` read as `fmt`; raises RowError (or KeyError for a missing key)."""
+    """The canonical record of `row` read as `fmt`; raises RowError (or KeyError) with the trainer's message.
+
+    Preference rows of different shapes may share a file here (train_dpo.py refuses that): they are all written
+    in one shape."""
     if fmt == "text":
         if text_field not in row:
             raise RowError(f"no '{text_field}' field (keys: {sorted(row)}); set --text_field to the text column")
         return {"text": _string(row[text_field], f"'{text_field}'")}
     if fmt == "preference":
-        return _preference(row)
+        refuse_kto_row(row, "DPO")
+        name = detect_preference_format(row)
+        prompt, chosen, rejected = PREFERENCE_FORMATS[name].convert(row)
+        return _with_tools({"messages": prompt, "chosen": _reply(chosen), "rejected": _reply(rejected)}, row)
     if fmt == "qa":
-        return {"question": _string(row["question"], "'question'"), "answer": _string(row["answer"], "'answer'")}
-    return {"messages": get_format(fmt).convert(row)}
+        return _prompt_record(row)
+    refuse_kto_row(row, "SFT")
+    return _with_tools({"messages": get_format(fmt).convert(row)}, row)
 
 
 def _string(value: Any, what: str) -> str:
@@ -64,79 +99,86 @@ def _string(value: Any, what: str) -> str:
     return value
 
 
-def _reply(value: Any, what: str) -> tuple[str, list[dict[str, Any]]]:
-    """A chosen/rejected reply: a string, or a conversation ending in the assistant's reply (HH-RLHF style)."""
-    if isinstance(value, list):
-        messages = get_format("messages").convert({"messages": value})
-        if messages[-1]["role"] != "assistant":
-            raise RowError(f"{what} is a list of messages that does not end with an assistant reply")
-        return messages[-1]["content"], messages[:-1]
-    return _string(value, what), []
+def _with_tools(record: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    tools = row_tools(row)
+    return {**record, "tools": tools} if tools else record
 
 
-def _preference(row: dict[str, Any]) -> dict[str, Any]:
-    chosen, chosen_prompt = _reply(row["chosen"], "'chosen'")
-    rejected, _ = _reply(row["rejected"], "'rejected'")
-    if "conversations" in row:
-        prompt = get_format("sharegpt").convert(row)
-    elif "messages" in row:
-        prompt = get_format("messages").convert(row)
-    elif isinstance(row.get("prompt"), list):
-        prompt = get_format("messages").convert({"messages": row["prompt"]})
-    elif any(key in row for key in ("prompt", "question", "instruction")):
-        key = next(k for k in ("prompt", "question", "instruction") if k in row)
-        text = _string(row[key], f"'{key}'")
-        if row.get("input"):
-            text = text + "\n" + _string(row["input"], "'input'")
-        prompt = [{"role": "user", "content": text}]
-        if row.get("system"):
-            prompt.insert(0, {"role": "system", "content": _string(row["system"], "'system'")})
-    elif chosen_prompt:
-        prompt = chosen_prompt
-    else:
-        raise RowError("a preference row needs a prompt: 'conversations', 'messages', 'prompt' or 'question'")
-    if not prompt or prompt[-1]["role"] != "user":
-        raise RowError("the prompt of a preference row must end with a user turn")
-    return {"messages": prompt, "chosen": chosen, "rejected": rejected}
+def _reply(message: dict[str, Any]) -> str | dict[str, Any]:
+    """A reply as plain text, or as the message object when it carries more than its text (tool calls)."""
+    return message["content"] if set(message) <= {"role", "content"} else message
+
+
+def _prompt_record(row: dict[str, Any]) -> dict[str, Any]:
+    prompt, truth = convert_row(row, None)
+    if not isinstance(row.get("extra_info", {}), dict):
+        raise RowError(f"'extra_info' must be an object, got {type(row['extra_info']).__name__}")
+    if "question" in row and len(prompt) == 1:
+        record: dict[str, Any] = {"question": prompt[0]["content"], "answer": truth}
+    else:  # a system turn, or a prompt of messages: the prompt as the trainer reads it, with its reference answer
+        record = {"prompt": prompt, "ground_truth": truth}
+    return {**record, **{key: row[key] for key in QA_METADATA if row.get(key) not in (None, "", {})}}
+
+
+def _map_message(message: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(message, str):
+        return fn(message)
+    return {**message, "content": fn(message["content"])}  # role, tool calls and any other field stay
 
 
 def map_texts(record: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
-    """A copy of the canonical record with `fn` applied to every text it holds (roles and tool calls stay)."""
+    """A copy of the canonical record with `fn` applied to every text it holds; roles, tool calls (their
+    arguments too), tool definitions and qa metadata stay as they are."""
     out: dict[str, Any] = {}
     for key, value in record.items():
-        if key == "messages":
-            out[key] = [{**m, "content": fn(m["content"])} for m in value]
+        if key in MESSAGE_KEYS and isinstance(value, list):
+            out[key] = [_map_message(m, fn) for m in value]
+        elif key in TEXT_KEYS:
+            out[key] = _map_message(value, fn)
         else:
-            out[key] = fn(value)
+            out[key] = value
     return out
 
 
-def content(record: dict[str, Any]) -> str:
-    """The text that lengths, language and duplicates are judged on.
+def _message_text(message: Any) -> str:
+    if isinstance(message, str):
+        return message
+    calls = message.get("tool_calls")
+    call_text = json.dumps(calls, ensure_ascii=False, sort_keys=True) if calls else ""
+    return "\n".join(part for part in (message["content"], call_text) if part)
 
-    System turns are left out: many rows share one system prompt, which would make unrelated short
+
+def content(record: dict[str, Any]) -> str:
+    """The text that lengths, language and duplicates are judged on: every turn, tool calls included.
+
+    System turns and tool definitions are left out: many rows share them, which would make unrelated short
     samples look alike.
     """
-    parts = [m["content"] for m in record.get("messages", ()) if m["role"] != "system"]
-    parts += [record[key] for key in ("text", "question", "answer", "chosen", "rejected") if key in record]
+    parts = [_message_text(m) for key in MESSAGE_KEYS if isinstance(record.get(key), list)
+             for m in record[key] if m["role"] != "system"]
+    parts += [_message_text(record[key]) for key in TEXT_KEYS if key in record]
     return "\n".join(parts)
 
 
 def empty_field(record: dict[str, Any]) -> str | None:
     """Name of the first text that must not be empty but is, or None."""
-    for key in ("text", "question", "answer", "chosen", "rejected"):
-        if key in record and not record[key].strip():
+    for key in TEXT_KEYS:
+        if key in record and not _message_text(record[key]).strip():
             return f"'{key}'"
-    for i, msg in enumerate(record.get("messages", ()), 1):
-        if msg["role"] != "system" and not msg["content"].strip() and not msg.get("tool_calls"):
-            return f"message {i} ({msg['role']})"
+    for key in MESSAGE_KEYS:
+        for i, msg in enumerate(record.get(key) or (), 1):
+            if msg["role"] != "system" and not _message_text(msg).strip():
+                return f"message {i} ({msg['role']})" if key == "messages" else f"'{key}' message {i} ({msg['role']})"
     return None
 
 
 def check_structure(fmt: str, record: dict[str, Any]) -> None:
-    """Roles in an order the trainers accept; raises RowError."""
+    """Read the cleaned record back as its trainer will (its converter and checks); raises RowError."""
     kind = KIND_OF[fmt]
     if kind == "sft":
-        validate_conversation(record["messages"])
+        validate_conversation(get_format("messages").convert(record))
     elif kind == "preference":
-        validate_conversation([*record["messages"], {"role": "assistant", "content": record["chosen"]}])
+        prompt, chosen, _ = PREFERENCE_FORMATS[detect_preference_format(record)].convert(record)
+        check_pair(prompt, chosen, None, row_tools(record))
+    elif kind == "qa":
+        convert_row(record, None)

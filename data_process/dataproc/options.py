@@ -19,7 +19,8 @@ import yaml
 
 from self_model.core.config import did_you_mean, load_config, read_yaml
 
-# Formats process_data.py understands. sharegpt / messages / alpaca are converted by self_model.core.conversations.
+# Formats process_data.py understands, read by the trainers' converters: sharegpt / messages / alpaca by
+# self_model.core.conversations, preference by core.preferences, qa by core.prompt_rows.
 FORMATS = ("text", "sharegpt", "messages", "alpaca", "preference", "qa")
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
@@ -45,8 +46,9 @@ class ProcessConfig:
                                                      "(report and leave them out)")
     overwrite: bool = _opt(False, "replace a previous result in the output folder")
     # Cleaning.
-    unicode_form: Literal["NFKC", "NFC", "none"] = _opt("NFKC", "Unicode normalization (NFKC also turns full-width "
-                                                                "Chinese punctuation such as '，' into ',')")
+    unicode_form: Literal["safe", "NFKC", "NFC", "none"] = _opt(
+        "safe", "safe: full-width letters and digits to ASCII and odd spaces to ' ', Chinese punctuation kept; NFKC "
+                "(also turns full-width punctuation such as '，' into ','), NFC, or none")
     strip_control: bool = _opt(True, "remove control and zero-width characters (newline and tab stay)")
     normalize_whitespace: bool = _opt(True, "CRLF to LF, no trailing spaces, at most one blank line; indentation "
                                             "stays (code)")

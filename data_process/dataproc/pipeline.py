@@ -55,6 +55,8 @@ class Collected:
     removed: Counter = field(default_factory=Counter)
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     malformed: list[str] = field(default_factory=list)
+    chars_changed: Counter = field(default_factory=Counter)  # characters each cleaning rule changed, all rows
+    rows_changed: Counter = field(default_factory=Counter)  # rows each cleaning rule changed
     first_of_kind: str = ""  # where the kind of this run was decided, for the error on a file of another kind
 
     def loc(self, file_index: int, number: int) -> str:
@@ -151,6 +153,8 @@ def collect(cfg: ProcessConfig, inputs: Inputs, work: Path, rejected: IO[str] | 
             if result.signatures is not None:
                 sigs.write(np.ascontiguousarray(result.signatures[keep]).tobytes())
             out.rows_ok += len(rows)
+            out.chars_changed.update(result.chars_changed)
+            out.rows_changed.update(result.rows_changed)
             bar.update(len(result.rows))
     return out
 

@@ -8,7 +8,6 @@ except a .json array (the format has no lines to stream by; use .jsonl for large
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 
 from data_process.dataproc.options import INPUT_SUFFIXES
 from self_model.core.errors import DataError, UserError
+from self_model.core.rows import json_array_rows, not_utf8
 
 # An item is (file index, line or row number, kind, payload). kind: "json" (raw line bytes), "row" (a dict
 # already parsed by pyarrow/csv/json), "text" (one line of a .txt file), "error" (a message for this row).
@@ -34,11 +34,12 @@ class InputFile:
     blank_lines: int = 0
     format: str | None = None  # set by the pipeline from the first valid row
     first_loc: str = ""
+    json_locs: list[str] = field(default_factory=list)  # a .json array: each row's file:line, as the trainers cite it
 
     def loc(self, number: int) -> str:
-        # Line numbers for line-based files, 0-based element index for a .json array, 1-based row for parquet.
+        # Line numbers for line-based files and .json arrays (the line a row starts on), 1-based row for parquet.
         if self.path.suffix == ".json":
-            return f"{self.path}[{number}]"
+            return self.json_locs[number]
         if self.path.suffix == ".parquet":
             return f"{self.path}:row {number}"
         return f"{self.path}:{number}"
@@ -120,20 +121,13 @@ def _txt(f: InputFile) -> Iterator[Item]:
             try:
                 yield f.index, lineno, "text", raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
-                yield f.index, lineno, "error", _not_utf8(raw, exc)
+                yield f.index, lineno, "error", not_utf8(raw, exc)
 
 
 def _json_array(f: InputFile) -> Iterator[Item]:
-    try:
-        rows = json.loads(f.path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise DataError([f"{f.path}: not UTF-8 at byte {exc.start}"], hint="re-encode the file as UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise DataError([f"{f.path}:{exc.lineno}: not valid JSON: {exc.msg} at column {exc.colno}"]) from None
-    if not isinstance(rows, list):
-        raise DataError([f"{f.path}: expected a JSON array of rows, got a {type(rows).__name__}"],
-                        hint="a file with one object per line should be named .jsonl")
-    for i, row in enumerate(rows):
+    rows = json_array_rows(f.path)  # the trainers' reader: the same locations, the same errors
+    f.json_locs = [loc for loc, _ in rows]
+    for i, (_, row) in enumerate(rows):
         f.rows += 1
         yield f.index, i, "row", row
 
@@ -183,25 +177,5 @@ def _parquet(f: InputFile) -> Iterator[Item]:
             yield f.index, number, "row", row
 
 
-def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
-    return f"not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r}); re-encode the file as UTF-8"
-
-
 def _has_surrogates(value: Any) -> bool:
     return isinstance(value, str) and _SURROGATE.search(value) is not None
-
-
-def parse_json_line(raw: bytes) -> dict[str, Any] | str:
-    """The row, or an error message for it (run in the workers)."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return _not_utf8(raw, exc)
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return f"malformed JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}"
-    if not isinstance(row, dict):
-        return f"expected a JSON object per line, got {type(row).__name__}"
-    return row
-

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data_process.dataproc.clean import RULES
+from data_process.dataproc.clean import CLEAN_RULES, RULES
 from data_process.dataproc.normalize import content
 from self_model.core.errors import UserError
+from self_model.core.rows import length_stats
 
 if TYPE_CHECKING:
     from data_process.dataproc.options import ProcessConfig
@@ -52,8 +53,7 @@ def _stats(values: np.ndarray) -> dict[str, Any]:
     if not len(values):
         return {"count": 0}
     counts, edges = np.histogram(values, bins=min(30, max(1, len(np.unique(values)))))
-    return {"count": int(len(values)), "min": int(values.min()), "mean": round(float(values.mean()), 1),
-            "p50": int(np.percentile(values, 50)), "p95": int(np.percentile(values, 95)), "max": int(values.max()),
+    return {"count": int(len(values)), **length_stats(values.tolist()),
             "histogram": {"edges": [round(float(e), 1) for e in edges], "counts": counts.tolist()}}
 
 
@@ -107,6 +107,7 @@ def build(cfg: ProcessConfig, out: Collected, outcome: Outcome) -> dict[str, Any
         "inputs": [{"path": str(f.path), "format": f.format, "rows": f.rows, "blank_lines": f.blank_lines}
                    for f in out.inputs.files],
         "rows_in": rows_in, "rows_out": outcome.kept, "steps": steps,
+        "characters_changed": _changes(cfg, out),
         "rejected_examples": {rule: rows for rule, rows in examples.items() if rows},
         "lengths": {"chars": _stats(outcome.chars)},
         "options": dataclasses.asdict(cfg), "timing": outcome.timing,
@@ -123,6 +124,19 @@ def build(cfg: ProcessConfig, out: Collected, outcome: Outcome) -> dict[str, Any
             "candidate_pairs": near.candidate_pairs, "verified_pairs": near.verified_pairs,
             **_clusters(out, outcome, outcome.near_rep, cfg.max_examples, near.similarity)}
     return report
+
+
+def _changes(cfg: ProcessConfig, out: Collected) -> dict[str, Any]:
+    """Characters (and rows) each cleaning rule changed, over every row that was cleaned (also rows that a
+    filter or a dedup step removed afterwards)."""
+    enabled = {"unicode": cfg.unicode_form != "none", "spaces": cfg.unicode_form == "safe",
+               "control": cfg.strip_control, "whitespace": cfg.normalize_whitespace}
+    return {rule: {"enabled": enabled[rule], "chars": out.chars_changed[rule], "rows": out.rows_changed[rule]}
+            for rule in CLEAN_RULES}
+
+
+_RULE_NAMES = {"unicode": "unicode_form {form}", "spaces": "odd spaces to ' ' (with unicode_form safe)",
+               "control": "control characters (strip_control)", "whitespace": "whitespace (normalize_whitespace)"}
 
 
 def _output_names(cfg: ProcessConfig, validation: int) -> list[str]:
@@ -144,6 +158,12 @@ def markdown(report: dict[str, Any]) -> str:
         removed = ", ".join(f"{rule} {n}" for rule, n in step["removed"].items() if n) or "-"
         off = "" if step.get("enabled", True) else " (off)"
         lines.append(f"| {step['step']}{off} | {step['rows_in']} | {removed} | {step['rows_out']} |")
+    lines += ["", "## Characters changed by cleaning (every row cleaned)", "", "| rule | characters | rows |",
+              "|---|---|---|"]
+    form = report["options"]["unicode_form"]
+    for rule, n in report["characters_changed"].items():
+        counts = f"{n['chars']} | {n['rows']}" if n["enabled"] else "off | -"
+        lines.append(f"| {_RULE_NAMES[rule].format(form=form)} | {counts} |")
     for rule, rows in report["rejected_examples"].items():
         lines += ["", f"## First rows removed by `{rule}`", ""]
         lines += [f"- `{r['source']}`: {r['reason']}: {_one_line(r['row'])}" for r in rows]
@@ -180,7 +200,8 @@ def plot_lengths(path: Path, lengths: dict[str, np.ndarray | None]) -> None:
         ax.hist(values, bins=50, color="#4477aa")
         ax.set_xlabel(f"length in {unit}")
         ax.set_ylabel("rows")
-        ax.set_title(f"{unit}: p50 {int(np.percentile(values, 50))}, p95 {int(np.percentile(values, 95))}")
+        stats = length_stats(list(values))
+        ax.set_title(f"{unit}: p50 {stats['p50']}, p95 {stats['p95']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

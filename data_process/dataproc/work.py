@@ -7,6 +7,7 @@ count and report every removal, and write the kept rows in order whatever the nu
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +18,8 @@ from data_process.dataproc.clean import check_sample, clean_text, dedup_text
 from data_process.dataproc.minhash import MinHasher
 from data_process.dataproc.normalize import check_structure, content, convert, detect, map_texts
 from data_process.dataproc.options import ProcessConfig
-from data_process.dataproc.readers import Item, parse_json_line
-from self_model.core.conversations import RowError
+from data_process.dataproc.readers import Item
+from self_model.core.rows import RowError, parse_json_line
 
 SNIPPET = 300
 OK, REJECTED, MALFORMED = "ok", "rejected", "malformed"
@@ -41,6 +42,8 @@ class BatchResult:
     keys: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.uint64))  # per ok row: 128-bit hash
     chars: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # per ok row: content length
     signatures: np.ndarray | None = None  # per ok row, with near_dedup
+    chars_changed: Counter = field(default_factory=Counter)  # per cleaning rule, over every row cleaned
+    rows_changed: Counter = field(default_factory=Counter)  # per cleaning rule: rows it changed
 
 
 _CFG: ProcessConfig | None = None
@@ -63,7 +66,7 @@ def process_batch(batch: list[Item]) -> BatchResult:
     chars: list[int] = []
     texts: list[str] = []
     for file_index, number, kind, payload in batch:
-        status, record = _process_row(kind, payload, cfg)
+        status, record = _process_row(kind, payload, cfg, result)
         status.file, status.number = file_index, number
         result.rows.append(status)
         if record is not None:
@@ -91,8 +94,10 @@ def _raw(kind: str, payload: Any, keep: bool) -> str:
     return text if keep else text[:SNIPPET]
 
 
-def _process_row(kind: str, payload: Any, cfg: ProcessConfig) -> tuple[RowStatus, dict[str, Any] | None]:
-    """The row's status, and its cleaned canonical record when it is kept."""
+def _process_row(kind: str, payload: Any, cfg: ProcessConfig,
+                 result: BatchResult) -> tuple[RowStatus, dict[str, Any] | None]:
+    """The row's status, and its cleaned canonical record when it is kept; the characters cleaning changed are
+    added to `result` (for every row cleaned, also those a filter then removes)."""
     keep = cfg.keep_rejected
     if kind == "error":
         return RowStatus(0, 0, MALFORMED, reason=payload), None
@@ -103,12 +108,16 @@ def _process_row(kind: str, payload: Any, cfg: ProcessConfig) -> tuple[RowStatus
             fmt = "text"
         else:
             row = parse_json_line(payload) if kind == "json" else payload
-            if isinstance(row, str):
-                return RowStatus(0, 0, MALFORMED, reason=row, payload=_raw(kind, payload, keep)), None
+            if isinstance(row, RowError):
+                return RowStatus(0, 0, MALFORMED, reason=str(row), payload=_raw(kind, payload, keep)), None
             if not isinstance(row, dict):
                 raise RowError(f"expected an object per row, got {type(row).__name__}")
             fmt = detect(row, cfg.text_field) if cfg.format == "auto" else cfg.format
-        record = map_texts(convert(fmt, row, cfg.text_field), lambda s: clean_text(s, cfg))
+        record = convert(fmt, row, cfg.text_field)
+        changed: dict[str, int] = {}
+        record = map_texts(record, lambda s: clean_text(s, cfg, changed))
+        result.chars_changed.update(changed)
+        result.rows_changed.update(changed.keys())
         rejected = check_sample(record, cfg)
         if rejected:
             return RowStatus(0, 0, REJECTED, fmt, rejected[0], rejected[1], _raw(kind, payload, keep)), None

@@ -11,16 +11,16 @@ detects the format of each row from its keys and refuses a file that mixes forma
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from self_model.core.config import did_you_mean
-from self_model.core.errors import DataError, UserError
+from self_model.core.errors import UserError
 from self_model.core.registry import Registry
+from self_model.core.rows import OneFormatPerFile, RowError, iter_rows, read_rows
 
-MAX_SHOWN = 10
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names and the roles they map to.
 SHAREGPT_ROLES = {
@@ -29,10 +29,6 @@ SHAREGPT_ROLES = {
     "system": "system",
     "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool",
 }
-
-
-class RowError(ValueError):
-    """A problem with one row; the loader prefixes it with file:line."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +44,6 @@ FORMATS: Registry[DataFormat] = Registry("data format")
 
 def register_format(fmt: DataFormat) -> DataFormat:
     return FORMATS.register(fmt.name, fmt)
-
-
-def known_formats() -> list[str]:
-    return FORMATS.names()
 
 
 def get_format(name: str) -> DataFormat:
@@ -80,13 +72,13 @@ def _from_sharegpt(row: dict[str, Any]) -> list[dict[str, Any]]:
                            f"{did_you_mean(str(speaker), SHAREGPT_ROLES)}")
         value = _text(turn["value"], f"turn {i} 'value'")
         if speaker == "function_call":
-            messages.append({"role": "assistant", "content": "", "tool_calls": _parse_tool_calls(value, i)})
+            messages.append({"role": "assistant", "content": "", "tool_calls": parse_tool_calls(value, i)})
         else:
             messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     return messages
 
 
-def _parse_tool_calls(value: str, turn: int) -> list[dict[str, Any]]:
+def parse_tool_calls(value: str, turn: int | str) -> list[dict[str, Any]]:
     """A ShareGPT function_call value: one {name, arguments} JSON object, or a list of them (parallel calls)."""
     try:
         calls = json.loads(value)
@@ -95,10 +87,10 @@ def _parse_tool_calls(value: str, turn: int) -> list[dict[str, Any]]:
     calls = calls if isinstance(calls, list) else [calls]
     if not calls or not all(isinstance(c, dict) and "name" in c for c in calls):
         raise RowError(f"turn {turn} is a function_call; expected JSON with 'name' and 'arguments' (or a list)")
-    return [_tool_call(c, f"turn {turn}") for c in calls]
+    return [tool_call(c, f"turn {turn}") for c in calls]
 
 
-def _tool_call(call: dict[str, Any], where: str) -> dict[str, Any]:
+def tool_call(call: dict[str, Any], where: str) -> dict[str, Any]:
     """One call as {"type": "function", "function": {"name", "arguments": object}}; JSON-string arguments parsed."""
     fn = call.get("function", call) if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -157,7 +149,10 @@ def _from_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
         if msg.get("tool_calls"):
             if not isinstance(msg["tool_calls"], list):
                 raise RowError(f"message {i} 'tool_calls' must be a list")
-            clean["tool_calls"] = [_tool_call(c, f"message {i}") for c in msg["tool_calls"]]
+            clean["tool_calls"] = [tool_call(c, f"message {i}") for c in msg["tool_calls"]]
+        if msg.get("reasoning_content") and msg["role"] == "assistant":
+            # Qwen3-style thinking: the template decides where it is rendered and trained (or refuses it).
+            clean["reasoning_content"] = _text(msg["reasoning_content"], f"message {i} 'reasoning_content'")
         _text(clean["content"], f"message {i} 'content'")
         out.append(clean)
     return out
@@ -172,12 +167,18 @@ register_format(DataFormat("alpaca", lambda r: "output" in r and ("instruction" 
                            '{"instruction": "...", "input": "...", "output": "..."}'))
 
 
+def refuse_kto_row(row: dict[str, Any], stage: str) -> None:
+    """A KTO row (one reply marked desirable or not: `label` / LLaMA-Factory's `kto_tag`) is not an SFT sample nor
+    a preference pair: SFT would learn the undesirable replies too. Refused, never trained silently."""
+    for key in ("label", "kto_tag"):
+        if isinstance(row.get(key), bool):
+            raise RowError(f"this is a KTO row ('{key}': {str(row[key]).lower()} marks its reply desirable or not); "
+                           f"{stage} would train it as if every reply were good. KTO data needs a KTO trainer; for "
+                           f"{stage}, keep only rows with '{key}': true and remove the key")
+
+
 def detect_format(row: dict[str, Any]) -> str:
-    for fmt in FORMATS:
-        if fmt.detect(row):
-            return fmt.name
-    examples = "\n".join(f"    {f.name}: {f.example}" for f in FORMATS)
-    raise RowError(f"unrecognised row with keys {sorted(row)}; expected one of:\n{examples}")
+    return FORMATS.detect(row)
 
 
 def validate_conversation(messages: list[dict[str, Any]]) -> None:
@@ -209,39 +210,6 @@ def validate_conversation(messages: list[dict[str, Any]]) -> None:
         raise RowError("the conversation does not end with an assistant turn, so there is nothing to train on")
 
 
-def iter_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
-    """Yield (location, row or RowError) for a .jsonl file (one object a line) or a .json array."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError([f"{path}: not valid JSON: {exc}"]) from None
-        if not isinstance(rows, list):
-            raise DataError([f"{path}: expected a JSON array of rows"])
-        for i, row in enumerate(rows):
-            yield f"{path}[{i}]", row if isinstance(row, dict) else RowError("row is not a JSON object")
-        return
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            loc = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield loc, RowError(f"not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield loc, RowError(f"malformed JSON: {exc.msg} at column {exc.colno}")
-                continue
-            yield loc, row if isinstance(row, dict) else RowError("row is not a JSON object")
-
-
 def load_conversations(paths: str | list[str], fmt: str = "auto",
                        check: Callable[[list[dict[str, Any]], list[Any] | None], str | None] | None = None,
                        ) -> list[dict[str, Any]]:
@@ -249,39 +217,24 @@ def load_conversations(paths: str | list[str], fmt: str = "auto",
 
     `check(messages, tools)` is an extra per-conversation test (the template's: can it express these turns?).
     """
-    samples: list[dict[str, Any]] = []
-    problems: list[str] = []
-    total_bad = 0
-    for path in [paths] if isinstance(paths, str) else paths:
-        file_format = None if fmt == "auto" else get_format(fmt).name
-        first_loc = None
-        for loc, row in iter_rows(path):
-            try:
-                if isinstance(row, RowError):
-                    raise row
-                name = detect_format(row) if fmt == "auto" else file_format
-                if file_format is None:
-                    file_format, first_loc = name, loc
-                elif name != file_format:
-                    raise RowError(f"row is '{name}' but {first_loc} is '{file_format}'; one file holds one format")
-                messages = FORMATS[name].convert(row)  # type: ignore[index]
-                validate_conversation(messages)
-                tools = row_tools(row)
-                if check and (reason := check(messages, tools)):
-                    raise RowError(reason)
-                sample = {"messages": messages, "format": name, "source": loc}
-                samples.append({**sample, "tools": tools} if tools else sample)
-            except (RowError, KeyError) as exc:
-                total_bad += 1
-                if len(problems) < MAX_SHOWN:
-                    problems.append(f"{loc}: {exc}")
-        if file_format is None and not problems:
-            problems.append(f"{path}: no rows (the file is empty)")
-            total_bad += 1
-    if problems:
-        raise DataError(problems, total=total_bad, hint="Fix these rows (nothing was trained); "
-                        "data_process/process_data.py can clean a file and report what it removed.")
-    return samples
+    if fmt != "auto":
+        get_format(fmt)  # an unknown name fails here, listing the known ones
+    one_format = OneFormatPerFile()
+
+    def convert(row: dict[str, Any], loc: str, path: Path) -> dict[str, Any]:
+        refuse_kto_row(row, "SFT")
+        name = detect_format(row) if fmt == "auto" else fmt
+        one_format.check(path, name, loc)
+        messages = FORMATS[name].convert(row)  # type: ignore[index]
+        validate_conversation(messages)
+        tools = row_tools(row)
+        if check and (reason := check(messages, tools)):
+            raise RowError(reason)
+        sample = {"messages": messages, "format": name, "source": loc}
+        return {**sample, "tools": tools} if tools else sample
+
+    return read_rows(paths, convert, hint="Fix these rows (nothing was trained); "
+                     "data_process/process_data.py can clean a file and report what it removed.")
 
 
 def first_prompt(paths: str | list[str]) -> list[dict[str, Any]]:

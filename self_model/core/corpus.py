@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from self_model.core.conversations import MAX_SHOWN, RowError, detect_format, get_format
+from self_model.core.conversations import detect_format, get_format
 from self_model.core.errors import DataError
+from self_model.core.rows import MAX_SHOWN, RowError
 
 SUFFIXES = (".txt", ".jsonl")
 CHAT_KEYS = ("messages", "conversations")

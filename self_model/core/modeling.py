@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from self_model.core.errors import UserError
+from self_model.core.lineage import Start, start_of
 from self_model.core.stage_config import PeftConfig, StageConfig
 
 logger = logging.getLogger("self_model")
 
 
-def load_tokenizer(cfg: StageConfig) -> Any:
+def load_tokenizer(cfg: StageConfig, model_must_fit: bool = True) -> Any:
+    """The run's tokenizer. `model_must_fit`: refuse now, from the model's config.json alone (so --dry-run says it,
+    before any weights load), a tokenizer with more tokens than the model has embedding rows; continued pretraining
+    passes False because it grows the embeddings."""
     from transformers import AutoTokenizer
 
     try:
@@ -25,7 +30,46 @@ def load_tokenizer(cfg: StageConfig) -> Any:
         # Padding positions are masked out of attention and loss, so any token will do; eos is the convention.
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer has no pad token; using eos %r for padding", tokenizer.eos_token)
+    # Whole conversations are tokenized before data.max_length cuts them, so transformers' "Token indices sequence
+    # length is longer than the specified maximum ... will result in indexing errors" would be a false alarm on
+    # every real data set: the length policy (truncate / drop, reported) decides what reaches the model.
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    if model_must_fit:
+        check_vocab_config(cfg, tokenizer)
     return tokenizer
+
+
+def check_vocab_config(cfg: StageConfig, tokenizer: Any) -> None:
+    """check_vocab before loading: the starting model's config.json gives its embedding rows. A start with LoRA
+    adapters is checked after loading instead (an adapter may carry grown embedding rows)."""
+    start = start_of(cfg)
+    if start.merged or start.adapter:
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(start.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return  # the model load names the problem with its own message
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise UserError(
+            f"the tokenizer ({cfg.tokenizer_path}) has {len(tokenizer)} tokens but the model {start.model} has "
+            f"{rows} embedding rows (config.json vocab_size): they do not belong together. Use the tokenizer saved "
+            "with this model, or grow the model first (tokenizer/resize_model.py, or continued pretraining, which "
+            "resizes embeddings).")
+
+
+def weights_dtype(args: Any, peft: PeftConfig) -> torch.dtype:
+    """The dtype to load the weights in. bf16: bfloat16. fp16 with LoRA / QLoRA: float16 for the frozen base (half
+    the memory; peft keeps the trained adapter in float32) and as QLoRA's compute dtype. fp16 full fine-tuning and
+    fp32: float32 (fp16 mixed precision needs float32 master weights)."""
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    if getattr(args, "fp16", False) and peft.enabled:
+        return torch.float16
+    return torch.float32
 
 
 def pick_precision(training_args: dict[str, Any]) -> torch.dtype:
@@ -88,6 +132,97 @@ def load_causal_lm(cfg: StageConfig, dtype: torch.dtype, model_path: str | None 
             if getattr(module, "support_avx512bf16_for_cpu", False):
                 module.support_avx512bf16_for_cpu = False
     return model
+
+
+# ---- the starting point: a base model, or a previous run's result (full weights or an adapter) ----------------
+def load_start_model(cfg: StageConfig, dtype: torch.dtype, loader: Any = None) -> tuple[Any, Start]:
+    """The weights a run starts from (`core.lineage`): `start.model` loaded by `loader` (default `load_causal_lm`,
+    4-bit with QLoRA), with the adapters of `start.merged` merged in; `start.adapter`, when set, is the adapter to
+    train further (`start_training` puts it on)."""
+    start = start_of(cfg)
+    if start.merged and cfg.peft.qlora:
+        raise UserError(f"peft.qlora: the start {start.describe()} merges a LoRA adapter into the base, which cannot "
+                        "be done on 4-bit weights. Export the merged model first (uv run python "
+                        "self_model/tools/export_model.py --config config/self_model_config/export.yaml "
+                        f"model_name_or_path={start.given_adapter or start.merged[-1]}) and start from that export, "
+                        "or set start_adapter: continue to keep training the adapter on the 4-bit base.")
+    if start.merged or start.adapter:
+        logger.info("starting from %s", start.describe())
+    model = (loader or load_causal_lm)(cfg, dtype, start.model)
+    for adapter in start.merged:
+        model = attach_adapter(model, adapter, trainable=False).merge_and_unload()
+    return model, start
+
+
+def fit_vocab_to_adapter(model: Any, adapter: str) -> None:
+    """An adapter trained after vocabulary growth carries the grown embedding rows (`modules_to_save`): give the
+    base as many rows before loading it (their values come from the adapter)."""
+    from safetensors import safe_open
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    embedding = module_name(model, model.get_input_embeddings())
+    if not weights.is_file() or not embedding:
+        return
+    with safe_open(str(weights), framework="pt") as f:
+        rows = [f.get_slice(k).get_shape()[0] for k in f.keys()
+                if k.endswith(f"{embedding}.weight") and "lora_" not in k]
+    current = model.get_input_embeddings().weight.shape[0]
+    if rows and max(rows) != current:
+        logger.info("the adapter %s holds %d embedding rows (vocabulary growth); resizing the base from %d",
+                    adapter, max(rows), current)
+        model.resize_token_embeddings(max(rows), mean_resizing=False)
+
+
+def attach_adapter(model: Any, adapter: str, trainable: bool) -> Any:
+    """peft's PeftModel of `model` + the adapter folder; a mismatch (another base model) is a UserError."""
+    from peft import PeftModel
+
+    fit_vocab_to_adapter(model, adapter)
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise UserError(f"cannot load the LoRA adapter {adapter} onto {getattr(model, 'name_or_path', 'the base')}: "
+                        f"{str(exc)[:400]}\nIs it an adapter trained on this base model? Point model_name_or_path at "
+                        "the adapter's run folder (its base is found from the run) or at the base it was trained "
+                        "on.") from None
+
+
+def start_training(model: Any, start: Start, peft: PeftConfig, gradient_checkpointing: bool = False,
+                   task_type: str | None = "CAUSAL_LM") -> Any:
+    """The model to train: the starting adapter trained further (start_adapter: continue), else `peft:` applied to
+    the starting weights (a new LoRA, or all weights)."""
+    if start.adapter is None:
+        return upcast_trainable(apply_peft(model, peft, gradient_checkpointing=gradient_checkpointing,
+                                           task_type=task_type))
+    if peft.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model = attach_adapter(model, start.adapter, trainable=True)
+    warn_if_shape_differs(peft, model.peft_config["default"], start.adapter)
+    return upcast_trainable(model)
+
+
+def upcast_trainable(model: Any) -> Any:
+    """Trained weights in float32 when the frozen base was loaded in float16 (`weights_dtype`): fp16 mixed precision
+    cannot step float16 parameters (peft upcasts the LoRA matrices itself; full copies in modules_to_save, such as
+    grown embeddings, are not)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float16:
+            param.data = param.data.float()
+    return model
+
+
+def warn_if_shape_differs(peft: PeftConfig, loaded: Any, adapter: str) -> None:
+    """peft.lora_* / target_modules do not apply to a continued adapter: say so when they ask for something else."""
+    ours = {"lora_r": peft.lora_r, "lora_alpha": peft.lora_alpha, "target_modules": peft.target_modules}
+    theirs = {"lora_r": loaded.r, "lora_alpha": loaded.lora_alpha, "target_modules": loaded.target_modules}
+    differ = [k for k in ours if (sorted(ours[k]) if isinstance(ours[k], list) else ours[k]) !=
+              (sorted(theirs[k]) if isinstance(theirs[k], (list, set)) else theirs[k])]
+    if differ:
+        logger.warning("peft.%s differ from the starting adapter's %s; training continues %s as it is (set "
+                       "start_adapter: merge to merge it and train what peft: says instead)",
+                       "/".join(differ), {k: theirs[k] for k in differ}, adapter)
 
 
 def check_vocab(model: Any, tokenizer: Any) -> None:

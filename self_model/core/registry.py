@@ -4,10 +4,11 @@ lists the known names (with a did-you-mean) on a miss."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from self_model.core.config import did_you_mean
 from self_model.core.errors import UserError
+from self_model.core.rows import RowError
 
 T = TypeVar("T")
 
@@ -28,6 +29,15 @@ class Registry(Generic[T]):
             known = self.names() + list(extra_choices)
             raise UserError(f"unknown {self.kind} '{name}'{did_you_mean(name, known)}; known: {known}")
         return self._items[name]
+
+    def detect(self, row: dict[str, Any], what: str = "row") -> str:
+        """For row formats (items with `detect(row)` and `example`): the first that recognises the row, in
+        registration order; else a RowError showing an example of each."""
+        for item in self._items.values():
+            if item.detect(row):  # type: ignore[attr-defined]
+                return item.name  # type: ignore[attr-defined]
+        examples = "\n".join(f"    {item.name}: {item.example}" for item in self._items.values())  # type: ignore[attr-defined]
+        raise RowError(f"unrecognised {what} with keys {sorted(row)}; expected one of:\n{examples}")
 
     def names(self) -> list[str]:
         return list(self._items)

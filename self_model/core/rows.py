@@ -23,12 +23,16 @@ class RowError(ValueError):
     """A problem with one row; the reader prefixes it with file:line."""
 
 
+def not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r}); re-encode the file as UTF-8"
+
+
 def parse_json_line(raw: bytes) -> dict[str, Any] | RowError:
     """One line of a .jsonl file as a row, or the RowError saying why it is not one."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return RowError(f"not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r}); re-encode the file as UTF-8")
+        return RowError(not_utf8(raw, exc))
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -36,22 +40,48 @@ def parse_json_line(raw: bytes) -> dict[str, Any] | RowError:
     return row if isinstance(row, dict) else RowError(f"expected a JSON object per line, got {type(row).__name__}")
 
 
+def json_array_rows(path: Path) -> list[tuple[str, Any]]:
+    """The elements of a .json array file, each with its location `file:line` (the line its element starts on, so
+    .json and .jsonl rows are cited alike; `file:line (row N)` when several rows start on one line)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError([f"{path}: not UTF-8 at byte {exc.start}"], hint="re-encode the file as UTF-8") from None
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    try:
+        if not text.startswith("[", pos):
+            kind = type(json.loads(text)).__name__
+            raise DataError([f"{path}: expected a JSON array of rows, got a {kind}"],
+                            hint="a file with one object per line should be named .jsonl")
+        found: list[tuple[int, Any]] = []
+        pos += 1
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(text) or text[pos] == "]":
+                break
+            element, end = decoder.raw_decode(text, pos)
+            found.append((text.count("\n", 0, pos) + 1, element))
+            pos = end
+        if pos >= len(text):
+            raise json.JSONDecodeError("the array is not closed with ]", text, pos)
+    except json.JSONDecodeError as exc:
+        raise DataError([f"{path}:{exc.lineno}: not valid JSON: {exc.msg} at column {exc.colno}"]) from None
+    lines = [line for line, _ in found]
+    return [(f"{path}:{line}" if lines.count(line) == 1 else f"{path}:{line} (row {i})", element)
+            for i, (line, element) in enumerate(found, 1)]
+
+
 def iter_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
     """Yield (location, row or RowError) for a .jsonl file (one object a line, blank lines skipped) or a .json
-    array (located as `file[i]`)."""
+    array; both located as `file:line`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     if path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError([f"{path}: not valid JSON: {exc}"]) from None
-        if not isinstance(rows, list):
-            raise DataError([f"{path}: expected a JSON array of rows"],
-                            hint="a file with one object per line should be named .jsonl")
-        for i, row in enumerate(rows):
-            yield f"{path}[{i}]", row if isinstance(row, dict) else RowError("row is not a JSON object")
+        for loc, row in json_array_rows(path):
+            yield loc, row if isinstance(row, dict) else RowError("row is not a JSON object")
         return
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -102,3 +132,15 @@ def read_rows(paths: str | list[str], convert: Callable[[dict[str, Any], str, Pa
     if problems:
         raise DataError(problems, total=bad, hint=hint)
     return out
+
+
+def length_stats(lengths: list[int]) -> dict[str, Any]:
+    """What every data report says about lengths (tokens, characters): min, mean, p50, p95 and max, the
+    percentiles by nearest rank so each is a length that occurs. An empty list reports zeros."""
+    values = sorted(lengths) or [0]
+
+    def rank(q: float) -> int:
+        return int(values[min(len(values) - 1, int(q * len(values)))])
+
+    return {"min": int(values[0]), "mean": round(sum(values) / len(values), 1), "p50": rank(0.5), "p95": rank(0.95),
+            "max": int(values[-1])}

@@ -29,10 +29,21 @@ from self_model.core.attention import restore_sdpa
 from self_model.core.config import ConfigError, redact, to_plain
 from self_model.core.errors import UserError
 from self_model.core.modeling import pick_precision
+from self_model.core.run_record import MODEL_CARD, draw_curves, model_card, record_callback, write_metrics
 
 logger = logging.getLogger("self_model")
 
 FINAL_DIR = "final"
+# The TrainingArguments / trl config defaults every stage starts from (each stage adds or overrides a few; any of them
+# can be set in the YAML's training_args).
+RUN_DEFAULTS: dict[str, Any] = {
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 3,
+    "include_num_input_tokens_seen": "non_padding",  # tokens/s counts real tokens, not padding
+    "lr_scheduler_type": "cosine",
+}
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",
              "wandb", "swanlab", "verl")
 
@@ -103,15 +114,20 @@ def git_commit() -> str | None:
 
 
 def write_run_info(output_dir: str | Path, cfg: Any, extra: dict[str, Any] | None = None) -> None:
-    """Everything needed to rerun: the resolved config (secrets removed), commit, versions, command line."""
+    """Everything needed to rerun: the resolved config (secrets removed), commit, versions, command line, and the
+    chain of runs it starts from (`core.lineage`: stage, start, base_model, lineage)."""
+    from self_model.core.lineage import lineage_record
+
     if not is_main_process():
         return
     out = Path(output_dir)
+    chain = lineage_record(cfg)  # before the folder exists: a start that cannot be read leaves nothing behind
     out.mkdir(parents=True, exist_ok=True)
     plain = redact(to_plain(cfg))
     (out / "run_config.yaml").write_text(yaml.safe_dump(plain, allow_unicode=True, sort_keys=False), encoding="utf-8")
     info = {"git_commit": git_commit(), "versions": library_versions(), "python": sys.version.split()[0],
-            "command": redact_argv(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(extra or {})}
+            "command": redact_argv(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **chain,
+            **(extra or {})}
     (out / "run_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
@@ -167,6 +183,12 @@ def save_final(trainer: Any, tokenizer: Any, template: Any, cfg: Any,
         for name, payload in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
         shutil.copy(out / "run_info.json", tmp / "run_info.json") if (out / "run_info.json").exists() else None
+        history = trainer.state.log_history  # with what the stage's finish() evaluated after training
+        write_metrics(out, history)
+        draw_curves(out, history)
+        info_file = out / "run_info.json"
+        info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.exists() else {}
+        (tmp / MODEL_CARD).write_text(model_card(cfg, tmp, final, history, extra_files or {}, info), encoding="utf-8")
         tmp.rename(final)
     if trainer.accelerator.num_processes > 1:
         trainer.accelerator.wait_for_everyone()
@@ -204,6 +226,7 @@ def train_and_save(trainer: Any, cfg: Any, resume: str | None, tokenizer: Any, t
     from self_model.core.tracking import finish_tracking
 
     write_run_info(trainer.args.output_dir, cfg, run_info)
+    trainer.add_callback(record_callback())  # metrics.jsonl at every log, curves.png at every save
     try:
         trainer.train(resume_from_checkpoint=resume)
         losses = logged_losses(trainer)

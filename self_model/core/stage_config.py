@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from self_model.core.backend_args import check_training_args
 from self_model.core.config import existing_files
+from self_model.core.lineage import is_adapter, result_folder
+from self_model.core.tracking import trace_problems
 
 
 def check_transformers_args(args: dict[str, Any], path: str) -> list[str]:
@@ -29,6 +31,19 @@ def local_or_hub(value: str, path: str) -> list[str]:
         hint = ("; build the embedded tiny model with: "
                 f"uv run python self_model/tools/make_tiny_model.py --output {value}")
     return [f"{path}: no such folder: {value} (and not a hub id of the form org/name){hint}"]
+
+
+def adapter_folder(value: str, path: str) -> list[str]:
+    """Field check: a LoRA adapter folder (adapter_config.json; a run folder means its final/), or a hub id."""
+    folder = Path(result_folder(value))
+    if folder.is_dir():
+        if is_adapter(folder):
+            return []
+        return [f"{path}: {value} holds no adapter_config.json, so it is not a LoRA adapter; full weights (a full "
+                "run's final/ or a merged export) go into model_name_or_path instead"]
+    if value.count("/") == 1 and not value.startswith((".", "/", "~")):
+        return []
+    return [f"{path}: no such folder: {value} (a LoRA run's final/ folder, or a hub id of the form org/name)"]
 
 
 @dataclass
@@ -81,14 +96,24 @@ class ChatDataConfig:
 class StageConfig:
     """Keys every training stage shares."""
 
+    # A base model (folder or hub id), or a previous run's result to start from: its final/ (or the run folder),
+    # a checkpoint-N/ or an export, full weights or a LoRA adapter (see start_adapter; README "Chaining stages").
     model_name_or_path: str = field(metadata={"check": local_or_hub})
+    # A LoRA adapter to start from, on the base in model_name_or_path. Not needed when model_name_or_path points at
+    # the adapter's run itself: its base is then read from the run (run_info.json) or from adapter_config.json.
+    adapter_name_or_path: str | None = field(default=None, metadata={"check": adapter_folder})
+    # What a starting adapter becomes: continue = train that same adapter further (its own r / alpha / targets;
+    # needs peft.enabled); merge = merge it into the base weights in memory, then train what peft: says (a new LoRA
+    # or all weights). auto: continue with peft.enabled, merge without.
+    start_adapter: Literal["auto", "continue", "merge"] = "auto"
     tokenizer_name_or_path: str | None = field(default=None, metadata={"check": local_or_hub})
     # A template file (self_model/template/*.json or your own) ...
     template_path: str | None = field(default=None, metadata={"check": existing_files})
     # ... or a shipped template by name. Neither: the tokenizer's own chat_template.
     template: str | None = None
     peft: PeftConfig = field(default_factory=PeftConfig)
-    trace: Literal["none", "wandb", "swanlab"] = "none"
+    # Checked when the config loads (installed, its config/trace_config/ file valid, a key for online modes).
+    trace: Literal["none", "wandb", "swanlab"] = field(default="none", metadata={"check": trace_problems})
     # Run code shipped with a hub model (ChatGLM3, Baichuan2). Off unless you trust the repository.
     trust_remote_code: bool = False
     # Passed to the backend's arguments class and checked against its fields.
@@ -96,11 +121,28 @@ class StageConfig:
 
     @property
     def tokenizer_path(self) -> str:
-        return self.tokenizer_name_or_path or self.model_name_or_path
+        """tokenizer_name_or_path, else the starting adapter's folder when it holds a tokenizer (its vocabulary and
+        chat template are what it was trained with), else the model's (a run folder: its final/)."""
+        if self.tokenizer_name_or_path:
+            return self.tokenizer_name_or_path
+        if self.adapter_name_or_path:
+            adapter = result_folder(self.adapter_name_or_path)
+            if (Path(adapter) / "tokenizer_config.json").is_file():
+                return adapter
+        return result_folder(self.model_name_or_path)
 
     def validate_paths(self) -> list[str]:
+        errors = []
         if self.template_path and self.template:
-            return ["template / template_path: set one of them, not both"]
-        return []
+            errors.append("template / template_path: set one of them, not both")
+        starts_from_adapter = bool(self.adapter_name_or_path) or is_adapter(result_folder(self.model_name_or_path))
+        if starts_from_adapter and self.start_adapter == "continue" and not self.peft.enabled:
+            errors.append("start_adapter: continue keeps training the starting LoRA adapter, which needs "
+                          "peft.enabled: true; or set start_adapter: merge to merge it and train all weights")
+        if starts_from_adapter and self.peft.qlora and self.start_adapter == "merge":
+            errors.append("start_adapter: merge with peft.qlora: an adapter cannot be merged into 4-bit weights; "
+                          "export the merged model first (self_model/tools/export_model.py) and start from it, or "
+                          "set start_adapter: continue")
+        return errors
 
 

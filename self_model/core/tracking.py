@@ -32,8 +32,9 @@ class WandbTraceConfig:
 class SwanlabTraceConfig:
     project: str = "self_model"
     workspace: str | None = None
-    # auto: online when an API key is available, else local (logs under the run folder).
-    mode: Literal["auto", "online", "local", "offline", "disabled"] = "auto"
+    # auto: online when an API key is available, else local (logs under the run folder). cloud: the original
+    # guide's (and older swanlab's) name for online.
+    mode: Literal["auto", "online", "cloud", "local", "offline", "disabled"] = "auto"
     api_key: str | None = None
 
 
@@ -62,15 +63,9 @@ def _require(module: str) -> None:
 
 def _setup_wandb(output_dir: str, run_name: str) -> list[str]:
     _require("wandb")
-    path = _trace_file("wandb")
-    cfg = load_config(WandbTraceConfig, path) if path else WandbTraceConfig()
-    key = os.environ.get("WANDB_API_KEY") or cfg.api_key
-    mode = cfg.mode if cfg.mode != "auto" else ("online" if key else "offline")
+    cfg, mode, key = _wandb_settings()
     if key and "WANDB_API_KEY" not in os.environ:
         os.environ["WANDB_API_KEY"] = key
-    if mode == "online" and not key:
-        raise UserError("trace: wandb with mode: online needs an API key: export WANDB_API_KEY=... "
-                        "(or set mode: offline in config/trace_config/wandb.yaml)")
     os.environ["WANDB_PROJECT"] = cfg.project
     if cfg.entity:
         os.environ["WANDB_ENTITY"] = cfg.entity
@@ -82,17 +77,47 @@ def _setup_wandb(output_dir: str, run_name: str) -> list[str]:
     return ["wandb"]
 
 
-def _setup_swanlab(output_dir: str, run_name: str) -> Any:
-    _require("swanlab")
+def _swanlab_settings() -> tuple[SwanlabTraceConfig, str, str | None]:
+    """The trace file, the mode it resolves to and the API key; raises when online mode has no key."""
     path = _trace_file("swanlab")
     cfg = load_config(SwanlabTraceConfig, path) if path else SwanlabTraceConfig()
     key = os.environ.get("SWANLAB_API_KEY") or cfg.api_key
-    mode = cfg.mode if cfg.mode != "auto" else ("online" if key else "local")
+    mode = {"auto": "online" if key else "local", "cloud": "online"}.get(cfg.mode, cfg.mode)
+    if mode == "online" and not key:
+        raise UserError(f"trace: swanlab with mode: {cfg.mode} needs an API key: export SWANLAB_API_KEY=... "
+                        "(or set mode: local in config/trace_config/swanlab.yaml)")
+    return cfg, mode, key
+
+
+def _wandb_settings() -> tuple[WandbTraceConfig, str, str | None]:
+    path = _trace_file("wandb")
+    cfg = load_config(WandbTraceConfig, path) if path else WandbTraceConfig()
+    key = os.environ.get("WANDB_API_KEY") or cfg.api_key
+    mode = cfg.mode if cfg.mode != "auto" else ("online" if key else "offline")
+    if mode == "online" and not key:
+        raise UserError("trace: wandb with mode: online needs an API key: export WANDB_API_KEY=... "
+                        "(or set mode: offline in config/trace_config/wandb.yaml)")
+    return cfg, mode, key
+
+
+def trace_problems(trace: str, path: str) -> list[str]:
+    """Field check for `trace:`, run when the config loads (so also by --dry-run), before any model loads: the
+    backend is installed, its config/trace_config/<backend>.yaml is valid, and an online mode has its key."""
+    if trace == "none":
+        return []
+    try:
+        _require(trace)
+        _wandb_settings() if trace == "wandb" else _swanlab_settings()
+    except UserError as exc:
+        return [f"{path}: {str(exc).removeprefix('trace: ')}"]
+    return []
+
+
+def _setup_swanlab(output_dir: str, run_name: str) -> Any:
+    _require("swanlab")
+    cfg, mode, key = _swanlab_settings()
     if mode == "online":
-        if not key:
-            raise UserError("trace: swanlab with mode: online needs an API key: export SWANLAB_API_KEY=... "
-                            "(or set mode: local in config/trace_config/swanlab.yaml)")
-        os.environ["SWANLAB_API_KEY"] = key
+        os.environ["SWANLAB_API_KEY"] = key  # type: ignore[assignment]
     # transformers' report_to=["swanlab"] fails with "No active Run" on some versions: use swanlab's callback.
     from swanlab.integration.transformers import SwanLabCallback
 

@@ -12,6 +12,7 @@ import torch
 
 from self_model.core.conversations import load_conversations
 from self_model.core.errors import UserError
+from self_model.core.rows import length_stats
 from self_model.fine_tuning.config import SFTDataConfig
 from self_model.template.chat_template import IGNORE_INDEX
 from self_model.template.resolve import Template
@@ -33,15 +34,9 @@ class TokenizeReport:
     examples: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        lengths = sorted(self.lengths) or [0]
-
-        def pct(q: float) -> int:
-            return lengths[min(len(lengths) - 1, int(q * len(lengths)))]
-
         return {"rows_in": self.rows, "rows_out": len(self.lengths), "truncated": self.truncated,
                 "dropped_too_long": self.dropped_too_long, "dropped_no_trainable_tokens": self.dropped_no_target,
-                "tokens": {"min": lengths[0], "mean": round(sum(lengths) / len(lengths), 1), "p50": pct(0.5),
-                           "p95": pct(0.95), "max": lengths[-1]}, "trained_tokens": self.trained_tokens}
+                "tokens": length_stats(self.lengths), "trained_tokens": self.trained_tokens}
 
 
 def tokenize_conversations(samples: list[dict[str, Any]], tokenizer: Any, template: Template,

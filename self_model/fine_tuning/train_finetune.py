@@ -43,7 +43,7 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> Path | None:
                               finish=lambda _: {"data_report.json": report.summary()})
     if is_main_process():
         prompt = first_prompt(cfg.data.eval_file or cfg.data.train_file)
-        answer = chat(trainer.model, tokenizer, prompt)
+        answer = chat(trainer.model, tokenizer, prompt, folder=final)  # the chat CLI's code, final/'s stop ids
         print(f"\nfine-tuned model saved to {final}\n\nQ: {prompt[-1]['content']}\nA: {answer}")
     return final
 

@@ -9,8 +9,18 @@ from typing import Any
 import torch
 
 from self_model.core.attention import use_varlen_attention
-from self_model.core.modeling import apply_peft, check_vocab, count_parameters, init_deepspeed_comm, load_causal_lm
-from self_model.core.run import MetricsMixin, build_training_args
+from self_model.core.errors import UserError
+from self_model.core.lineage import start_of
+from self_model.core.modeling import (
+    apply_peft,
+    check_vocab,
+    count_parameters,
+    init_deepspeed_comm,
+    load_start_model,
+    start_training,
+    weights_dtype,
+)
+from self_model.core.run import RUN_DEFAULTS, MetricsMixin, build_training_args
 from self_model.core.stage_config import StageConfig
 from self_model.core.tracking import setup_tracking
 from self_model.fine_tuning.config import FinetuneConfig
@@ -21,13 +31,8 @@ logger = logging.getLogger("self_model")
 
 # Defaults that differ from transformers' for a fine-tuning run; any of them can be set in training_args.
 SFT_DEFAULTS: dict[str, Any] = {
-    "logging_steps": 10,
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 3,
+    **RUN_DEFAULTS,
     "remove_unused_columns": False,  # rows are already input_ids + labels
-    "include_num_input_tokens_seen": "non_padding",
-    "lr_scheduler_type": "cosine",
 }
 
 
@@ -42,17 +47,18 @@ def sft_training_args(cfg: FinetuneConfig) -> Any:
 
 
 def load_model_for_training(cfg: StageConfig, tokenizer: Any, args: Any) -> Any:
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    """The starting weights (a base or a previous run's result, core.lineage) with `peft:` or the continued adapter."""
+    dtype = weights_dtype(args, cfg.peft)
     init_deepspeed_comm(args)
-    model = load_causal_lm(cfg, dtype)
-    check_vocab(model, tokenizer)
+    model, start = load_start_model(cfg, dtype)
     if args.gradient_checkpointing and not cfg.peft.qlora:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.peft.enabled:
             model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
     if cfg.data.packing and use_varlen_attention(model):
         logger.info("packing: per-document attention (sdpa_varlen) keeps the packed samples apart")
-    model = apply_peft(model, cfg.peft, gradient_checkpointing=args.gradient_checkpointing)
+    model = start_training(model, start, cfg.peft, gradient_checkpointing=args.gradient_checkpointing)
+    check_vocab(model, tokenizer)  # after a continued adapter, which may carry grown embedding rows
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
@@ -75,10 +81,21 @@ def estimate_trainable(cfg: StageConfig) -> tuple[int, int]:
     """Trainable / total parameters without loading weights (the model is built on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    start = start_of(cfg)
+    try:
+        config = AutoConfig.from_pretrained(start.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model_name_or_path: cannot read the model config of '{start.model}': {exc}") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-        if cfg.peft.enabled:
+        if start.adapter:  # trained further as it is: its own r / alpha / targets
+            from peft import PeftConfig as LoadedPeftConfig
+            from peft import get_peft_model
+
+            loaded = LoadedPeftConfig.from_pretrained(start.adapter)
+            loaded.inference_mode = False
+            model = get_peft_model(model, loaded)
+        elif cfg.peft.enabled:
             from dataclasses import replace
 
             model = apply_peft(model, replace(cfg.peft, qlora=False))
@@ -96,7 +113,7 @@ def print_plan(cfg: FinetuneConfig, targs: Any, tokenizer: Any, template: Templa
     mode = "QLoRA" if cfg.peft.qlora else ("LoRA" if cfg.peft.enabled else "full fine-tuning")
     summary = report.summary()
     print("\n=== dry run: nothing is trained ===")
-    print(f"model:      {cfg.model_name_or_path} ({mode}); trainable {trainable:,} of {total:,} parameters "
+    print(f"model:      {start_of(cfg).describe()} ({mode}); trainable {trainable:,} of {total:,} parameters "
           f"({100 * trainable / max(total, 1):.2f}%)")
     print(f"template:   {template.name}")
     print(f"train data: {summary['rows_in']} rows -> {summary['rows_out']} samples; tokens {summary['tokens']}; "

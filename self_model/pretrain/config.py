@@ -60,7 +60,7 @@ class PretrainConfig(StageConfig):
         ds = self.training_args.get("deepspeed")
         if isinstance(ds, str) and not Path(ds).is_file():
             errors.append(f"training_args.deepspeed: file not found: {ds} "
-                          "(shipped: config/self_model_config/deepspeed/ds_zero2.json, ds_zero3.json, "
-                          "ds_zero3_offload.json)")
+                          "(shipped in config/self_model_config/deepspeed/: ds_config.json (ZeRO-2, the original "
+                          "guide's name), ds_zero2.json, ds_zero3.json, ds_zero3_offload.json)")
         return errors
 

@@ -30,7 +30,7 @@ def main(cfg: PretrainConfig, dry_run: bool = False) -> Path | None:
     args = pretrain_training_args(cfg)
     resume = None if dry_run else prepare_output_dir(args.output_dir, cfg.training_args.get("resume_from_checkpoint"))
     check_block_size(cfg)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg, model_must_fit=False)  # continued pretraining grows the embeddings
     check_tokenizer(tokenizer, cfg)
     # Rank 0 tokenizes (and caches) first; the other processes then load its cache.
     with args.main_process_first(desc="tokenizing the corpus"):

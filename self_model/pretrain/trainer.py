@@ -15,15 +15,19 @@ from typing import Any
 import torch
 
 from self_model.core.errors import ConfigError, UserError
+from self_model.core.lineage import start_of
 from self_model.core.modeling import (
-    apply_peft,
     count_parameters,
+    fit_vocab_to_adapter,
     init_deepspeed_comm,
     load_causal_lm,
+    load_start_model,
     module_name,
     quantization_config,
+    start_training,
+    weights_dtype,
 )
-from self_model.core.run import MetricsMixin, build_training_args
+from self_model.core.run import RUN_DEFAULTS, MetricsMixin, build_training_args
 from self_model.core.stage_config import PeftConfig
 from self_model.core.tracking import setup_tracking
 from self_model.core.vocab_file import extension_rows
@@ -35,13 +39,8 @@ logger = logging.getLogger("self_model")
 EVAL_RESULTS = "eval_results.json"
 # Defaults that differ from transformers'; any of them can be set in training_args.
 PRETRAIN_DEFAULTS: dict[str, Any] = {
-    "logging_steps": 10,
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 3,
+    **RUN_DEFAULTS,
     "remove_unused_columns": False,  # blocks hold exactly what the collator needs
-    "include_num_input_tokens_seen": "non_padding",
-    "lr_scheduler_type": "cosine",
 }
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
 
@@ -63,11 +62,11 @@ def check_block_size(cfg: PretrainConfig) -> None:
     """A block longer than the model's context would fail at the first step (or silently degrade)."""
     from transformers import AutoConfig
 
+    path = start_of(cfg).model  # a previous run's adapter: its base model (core.lineage)
     try:
-        config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model_name_or_path: cannot read the model config of '{cfg.model_name_or_path}': {exc}") \
-            from None
+        raise UserError(f"model_name_or_path: cannot read the model config of '{path}': {exc}") from None
     for key in CONTEXT_KEYS:
         context = getattr(config, key, None)
         if isinstance(context, int) and context > 0:
@@ -77,24 +76,25 @@ def check_block_size(cfg: PretrainConfig) -> None:
             return
 
 
-def load_masked_lm(cfg: PretrainConfig, dtype: torch.dtype) -> Any:
+def load_masked_lm(cfg: PretrainConfig, dtype: torch.dtype, model_path: str | None = None) -> Any:
     """A BERT-style encoder with its MLM head; a checkpoint saved without one gets a new head (and says so)."""
     from transformers import AutoModelForMaskedLM
 
+    path = model_path or cfg.model_name_or_path
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "output_loading_info": True}
     if cfg.peft.qlora:
         kwargs["quantization_config"] = quantization_config(cfg.peft, dtype)
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path, **kwargs)
+        model, info = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model_name_or_path: cannot load a masked LM from '{cfg.model_name_or_path}': {exc}\n"
+        raise UserError(f"model_name_or_path: cannot load a masked LM from '{path}': {exc}\n"
                         "objective: mlm needs a BERT-style encoder; a decoder-only model trains with objective: clm") \
             from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         logger.warning("%s has no weights for %d parameter(s) of the masked-LM head (%s): it was saved without an "
                        "MLM head, so a new head was initialised and is trained from scratch",
-                       cfg.model_name_or_path, len(missing), ", ".join(missing[:6]))
+                       path, len(missing), ", ".join(missing[:6]))
     return model
 
 
@@ -131,16 +131,19 @@ def match_vocabulary(model: Any, tokenizer: Any, peft: PeftConfig) -> PeftConfig
 
 
 def load_pretrain_model(cfg: PretrainConfig, tokenizer: Any, args: Any) -> Any:
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = weights_dtype(args, cfg.peft)
     init_deepspeed_comm(args)
-    model = load_causal_lm(cfg, dtype) if cfg.objective == "clm" else load_masked_lm(cfg, dtype)
+    # The start: a base, or a previous run's result (core.lineage); a merged adapter is already in the weights.
+    model, start = load_start_model(cfg, dtype, loader=load_causal_lm if cfg.objective == "clm" else load_masked_lm)
+    if start.adapter:  # a continued adapter brings its own (possibly grown) embedding rows
+        fit_vocab_to_adapter(model, start.adapter)
     peft = match_vocabulary(model, tokenizer, cfg.peft)
     if args.gradient_checkpointing and not peft.qlora:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if peft.enabled:
             model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
-    model = apply_peft(model, peft, gradient_checkpointing=args.gradient_checkpointing,
-                       task_type="CAUSAL_LM" if cfg.objective == "clm" else None)
+    model = start_training(model, start, peft, gradient_checkpointing=args.gradient_checkpointing,
+                           task_type="CAUSAL_LM" if cfg.objective == "clm" else None)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
@@ -208,7 +211,7 @@ def print_plan(cfg: PretrainConfig, targs: Any, report: BlockReport, eval_report
     per_device, accum = targs.per_device_train_batch_size, targs.gradient_accumulation_steps
     mode = "QLoRA" if cfg.peft.qlora else ("LoRA" if cfg.peft.enabled else "all weights")
     print("\n=== dry run: nothing is trained ===")
-    print(f"model:      {cfg.model_name_or_path} ({cfg.objective}, {mode})")
+    print(f"model:      {start_of(cfg).describe()} ({cfg.objective}, {mode})")
     print(f"train data: {report.line()}")
     if eval_report is not None:
         print(f"eval data:  {eval_report.line()}")

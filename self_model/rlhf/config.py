@@ -13,45 +13,38 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from self_model.core.config import existing_files
-from self_model.core.stage_config import ChatDataConfig, StageConfig, local_or_hub
+from self_model.core.stage_config import ChatDataConfig, StageConfig, adapter_folder, local_or_hub
 from self_model.rlhf.ppo_grpo.checks import grpo_args_problems, override_problems, reward_specs
 
 logger = logging.getLogger("self_model")
 
 
 def sft_adapter(value: str, path: str) -> list[str]:
-    """Field check: a LoRA adapter folder (adapter_config.json), or a hub id."""
-    folder = Path(value)
-    if folder.is_dir():
-        if (folder / "adapter_config.json").is_file():
-            return []
-        return [f"{path}: {value} holds no adapter_config.json, so it is not a LoRA adapter; a merged (full) SFT "
-                "model goes into model_name_or_path instead"]
-    if value.count("/") == 1 and not value.startswith((".", "/", "~")):
-        return []
-    return [f"{path}: no such folder: {value}. It is the final/ folder of a LoRA SFT run; make one with: "
-            "uv run python self_model/fine_tuning/train_finetune.py --config config/self_model_config/finetune.yaml"]
+    """Field check: a LoRA adapter folder (adapter_config.json; a run folder means its final/), or a hub id."""
+    problems = adapter_folder(value, path)
+    if problems and "no such folder" in problems[0]:
+        return [f"{path}: no such folder: {value}. It is the final/ folder of a LoRA SFT run; make one with: uv run "
+                "python self_model/fine_tuning/train_finetune.py --config config/self_model_config/finetune.yaml"]
+    return problems
 
 
 @dataclass
 class AlignmentConfig(StageConfig):
-    """Keys every RLHF script reads besides the shared stage keys: the SFT result to start from."""
+    """rlhf.yaml's shared keys: the stage keys, with the SFT result to start from.
+
+    The start (model_name_or_path / adapter_name_or_path / start_adapter) works as in every stage (core.lineage):
+    model_name_or_path may be the SFT run's final/ itself, adapter or full weights. With an SFT adapter, LoRA
+    continues it (stacked: the reference is the SFT model) unless start_adapter: merge, which merges it and trains a
+    new LoRA whose switched-off state, the merged SFT model, is the reference.
+    """
 
     # A LoRA SFT result to start from; the reference is then the SFT model, never the raw base.
     adapter_name_or_path: str | None = field(default=None, metadata={"check": sft_adapter})
-
-    @property
-    def tokenizer_path(self) -> str:
-        """tokenizer_name_or_path, else the SFT adapter folder when it holds a tokenizer, else the model's."""
-        if self.tokenizer_name_or_path:
-            return self.tokenizer_name_or_path
-        if self.adapter_name_or_path and (Path(self.adapter_name_or_path) / "tokenizer_config.json").is_file():
-            return self.adapter_name_or_path
-        return self.model_name_or_path
+    # The original guide's top-level spelling of ppo.reward.reward_model_name_or_path (PPO / GRPO use it as that).
+    reward_model_name_or_path: str | None = field(default=None, metadata={"check": local_or_hub})
 
 
 # ---- DPO: data:, beta, loss_type, training_args ------------------------------------------------------------------
@@ -127,10 +120,6 @@ class RewardSection:
     def __post_init__(self) -> None:
         from self_model.rlhf.ppo_grpo.rewards import reward_name
 
-        if not self.functions and not self.reward_model_name_or_path:
-            raise ValueError("name at least one reward: functions: [normalized_match] (built-in: exact_match, "
-                             "normalized_match, format, length_penalty, or path/to/file.py:function) and/or "
-                             "reward_model_name_or_path")
         if self.weights is not None and len(self.weights) != len(self.functions):
             raise ValueError(f"weights has {len(self.weights)} entries for {len(self.functions)} functions; give one "
                              "weight per function (or none: 1.0 each)")
@@ -159,14 +148,16 @@ class RLSection:
     prompt_truncation: Literal["error", "drop"] = "error"
     # Use only the first N training prompts.
     max_samples: int | None = None
-    # trl: this machine (CPU or GPUs; GRPO only); verl: a Ray cluster with vLLM / SGLang rollout (PPO and GRPO).
-    backend: Literal["trl", "verl"] = "trl"
+    # trl: this machine (CPU or GPUs; GRPO only); verl: a Ray cluster with vLLM / SGLang rollout (PPO and GRPO);
+    # auto: GRPO on trl, PPO on verl (trl has no PPO trainer).
+    backend: Literal["auto", "trl", "verl"] = "auto"
     # verl: write the run folder (parquet, tokenizer, verl_overrides.txt) and stop, without launching verl.
     prepare_only: bool = False
     # The run folder; {algorithm} becomes ppo or grpo.
     output_dir: str = "self_model/checkpoints/rlhf/{algorithm}"
-    # verl's rollout engine (the installed verl's registry: vllm, sglang, trtllm).
-    rollout_backend: str = "vllm"
+    # What generates the replies. verl: one of its rollout engines (vllm, sglang, trtllm); trl: hf (transformers
+    # generate) or vllm (trl's use_vllm, needs a GPU). null: vllm on verl, hf on trl.
+    rollout_backend: str | None = None
     # Replies sampled per prompt (GRPO: at least 2, 4+ typical; PPO: 1 is usual).
     rollout_n: int = 4
     # Prompts per training step; split into mini-batches of ppo_mini_batch_size prompts, one optimizer step each.
@@ -222,7 +213,7 @@ class DPOStageConfig(AlignmentConfig):
     # Passed to trl's DPOConfig and checked against its fields; training_args.output_dir is DPO's run folder.
     training_args: dict[str, Any] = field(default_factory=dict, metadata={"check": check_dpo_args})
 
-    not_read: ClassVar[tuple[str, ...]] = ("ppo",)
+    not_read: ClassVar[tuple[str, ...]] = ("ppo", "reward_model_name_or_path")
 
     def validate(self) -> list[str]:
         errors = self.validate_paths()
@@ -244,6 +235,21 @@ class RLStageConfig(AlignmentConfig):
     training_args: dict[str, Any] = field(default_factory=dict, metadata={"check": check_dpo_args})
 
     not_read: ClassVar[tuple[str, ...]] = ("data", "beta", "loss_type", "training_args")
+
+    def __post_init__(self) -> None:
+        ppo = self.ppo
+        if ppo.backend == "auto":
+            ppo.backend = "verl" if self.algorithm == "ppo" else "trl"
+            logger.info("ppo.backend: auto -> %s for %s", ppo.backend, self.algorithm.upper())
+        if ppo.rollout_backend is None:
+            ppo.rollout_backend = "vllm" if ppo.backend == "verl" else "hf"
+        if self.reward_model_name_or_path:
+            if ppo.reward.reward_model_name_or_path not in (None, self.reward_model_name_or_path):
+                raise ValueError("reward_model_name_or_path (top level, the original guide's key) and "
+                                 "ppo.reward.reward_model_name_or_path name different models; keep one")
+            logger.warning("reward_model_name_or_path at the top level is the original guide's spelling; it is used "
+                           "as ppo.reward.reward_model_name_or_path (write it there)")
+            ppo.reward.reward_model_name_or_path = self.reward_model_name_or_path
 
     @property
     def output_dir(self) -> str:

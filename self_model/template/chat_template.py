@@ -3,12 +3,14 @@
 A template file (`self_model/template/<name>.json`) holds the prefix/suffix strings users already edit;
 the schema is documented in `self_model/template/README.md`. Two ways to turn a conversation into ids:
 
-- `tokenize: text` (Qwen2.5, Llama-3, DeepSeek): render the conversation to text while recording which
+- `tokenize: text` (Qwen2.5, Qwen3, Llama-3, DeepSeek): render the conversation to text while recording which
   character spans are trained (each assistant reply and its end-of-turn token), tokenize the whole text
   once with offsets and label the tokens inside those spans. The ids are exactly what
   `tokenizer.apply_chat_template` produces from the generated Jinja string (and from the official one).
 - `tokenize: pieces` (ChatGLM3, Baichuan2): each marker is its special-token id and every text piece is
   encoded on its own, as the official fine-tuning code does (see `pieces.py`).
+
+Tool use lives in `tool_calls.py`, reasoning (`<think>`) in `thinking.py`, reading a template file in `schema.py`.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from self_model.core.config import did_you_mean
-from self_model.core.errors import ConfigError, UserError
-from self_model.template.tool_calls import ToolFormat, substitute
+from self_model.core.errors import UserError
+from self_model.template.schema import TEMPLATE_DIR, available_templates, get_template, load_template
+from self_model.template.thinking import ThinkingFormat, last_query_index
+from self_model.template.tool_calls import ToolFormat
 
-TEMPLATE_DIR = Path(__file__).resolve().parent  # the JSON files sit beside this module
+__all__ = ["IGNORE_INDEX", "TEMPLATE_DIR", "ChatTemplate", "Turn", "available_templates", "get_template",
+           "load_template"]
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
 # Marker strings written like <|name|> are special tokens; others are declared in `special_tokens`.
@@ -54,7 +60,8 @@ class ChatTemplate:
     assistant_prefix: str
     assistant_suffix: str
     # The string that ends an assistant turn and that generation stops on; it is trained. Empty only for
-    # `tokenize: pieces` formats, which have no such token (see reply_end).
+    # `tokenize: pieces` formats, which have no such token (see reply_end). Derived from assistant_suffix when a
+    # file leaves it out (schema.py).
     end_of_turn: str
     description: str = ""
     # Emitted once at the start of every conversation (e.g. "{bos_token}", "[gMASK]sop").
@@ -70,8 +77,16 @@ class ChatTemplate:
     stop_words: list[str] = field(default_factory=list)
     # Whether a system turn may appear after the first message.
     system_anywhere: bool = False
+    # The prefix of such a later system turn, when it differs from system_prefix (Llama 3.1 writes its date
+    # lines only in the first).
+    later_system_prefix: str | None = None
     # Tool definitions, calls and results; None: the family has no tool format.
     tools: ToolFormat | None = None
+    # Reasoning before a reply (Qwen3's <think>); None: the family has none (reasoning_content is refused).
+    thinking: ThinkingFormat | None = None
+    # Placeholders {name} of the markup with their value: a string, or {"strftime_now": format, "default": text}
+    # (today's date, as the official Llama 3.2 template writes it). The generated Jinja lets a caller pass them.
+    variables: dict[str, Any] = field(default_factory=dict)
     # "text": tokenize the rendered conversation once; "pieces": encode each piece on its own (token-level).
     tokenize: str = "text"
     # pieces formats without end_of_turn: what the model learns right after a reply, "next_role" (the
@@ -102,13 +117,15 @@ class ChatTemplate:
             if self.reply_end is not None or self.dummy_prefix:
                 problems.append("reply_end / dummy_prefix: only used with tokenize: pieces")
         else:
-            if self.tools is not None:
-                problems.append("tools: not supported with tokenize: pieces")
+            if self.tools is not None or self.thinking is not None:
+                problems.append("tools / thinking: not supported with tokenize: pieces")
             if not self.end_of_turn and self.reply_end not in ("next_role", "eos"):
                 problems.append(f"reply_end: expected 'next_role' or 'eos' (there is no end_of_turn), got "
                                 f"{self.reply_end!r}")
         if self.system_prefix is None and self.default_system is not None:
             problems.append("default_system needs a system_prefix (system_prefix: null means no system turn)")
+        if self.later_system_prefix is not None and not self.system_anywhere:
+            problems.append("later_system_prefix needs system_anywhere: true")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -126,19 +143,22 @@ class ChatTemplate:
     def _markup(self) -> str:
         """Every marker string of the format, concatenated (never message text)."""
         texts = [self.conversation_prefix, self.system_prefix or "", self.system_suffix, self.user_prefix,
-                 self.user_suffix, self.assistant_prefix, self.assistant_suffix, self.end_of_turn, *self.stop_words]
+                 self.user_suffix, self.assistant_prefix, self.assistant_suffix, self.end_of_turn, *self.stop_words,
+                 self.later_system_prefix or "", self.thinking.block if self.thinking else ""]
+        if self.tools is not None:
+            texts += [v for v in dataclasses.asdict(self.tools).values() if isinstance(v, str)]
         return "\n".join(texts)
 
     # ---- roles -----------------------------------------------------------------------------------------
     def check_roles(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str | None:
         """Why this family cannot express the conversation, or None when it can."""
         if tools and self.tools is None:
-            return f"the sample gives tools, but template '{self.name}' has no tool format{_tool_hint()}"
+            return f"the sample gives tools, but template '{self.name}' has no tool format{_hint('tools')}"
         for i, msg in enumerate(messages, 1):
             role = msg.get("role")
             if (role == "tool" or msg.get("tool_calls")) and self.tools is None:
                 what = "a tool result" if role == "tool" else "an assistant tool call"
-                return f"message {i} is {what}, but template '{self.name}' has no tool format{_tool_hint()}"
+                return f"message {i} is {what}, but template '{self.name}' has no tool format{_hint('tools')}"
             if role not in ROLES:
                 return f"message {i} has role '{role}', which template '{self.name}' cannot express"
             if role == "system" and self.system_prefix is None:
@@ -146,8 +166,27 @@ class ChatTemplate:
                         "put its text into the first user message, or use a template with one")
             if role == "system" and i > 1 and not self.system_anywhere:
                 return f"message {i} is a system turn; template '{self.name}' allows a system turn only first"
+            if msg.get("reasoning_content") and (problem := self._check_reasoning(msg, i)):
+                return problem
+            if role == "assistant" and self.tools and (problem := self.tools.check_call(msg, i, self.name)):
+                return problem
         if tools and self.system_prefix is None:
             return f"template '{self.name}' has no system turn to hold the tool definitions"
+        if tools and self.tools is not None and self.tools.placement == "first_user":
+            rest = messages[1:] if messages and messages[0].get("role") == "system" else messages
+            if not rest or rest[0].get("role") != "user":
+                return (f"the sample gives tools, but no user message follows the system turn; template "
+                        f"'{self.name}' puts the tool definitions into the first user message")
+        return None
+
+    def _check_reasoning(self, msg: dict[str, Any], i: int) -> str | None:
+        if self.thinking is None:
+            return (f"message {i} has reasoning_content, but template '{self.name}' has no thinking format"
+                    f"{_hint('thinking')}")
+        if msg["role"] != "assistant":
+            return f"message {i} ({msg['role']}) has reasoning_content; only assistant messages carry reasoning"
+        if not isinstance(msg["reasoning_content"], str):
+            return f"message {i}: reasoning_content must be a string, got {type(msg['reasoning_content']).__name__}"
         return None
 
     def turns(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> list[Turn]:
@@ -155,30 +194,44 @@ class ChatTemplate:
         problem = self.check_roles(messages, tools)
         if problem:
             raise UserError(problem)
+        given = self.tools if tools else None  # the tool format, when this sample gives definitions
         out: list[Turn] = []
         rest = messages
         system = self.default_system
         if messages and messages[0]["role"] == "system":
             system, rest = self._content(messages[0]), messages[1:]
-        if tools and self.tools is not None:
-            system = (system or "") + self.tools.system_text(tools)
+        if given is not None and given.placement == "system":
+            system = given.system_text(system, tools or [])
         if system is not None and self.system_prefix is not None:
-            out.append(Turn("system", self.system_prefix, system, self.system_suffix))
+            prefix = self.system_prefix
+            if given is not None and given.system_prefix is not None:  # Llama 3.1: the Environment line
+                prefix = given.system_prefix
+            out.append(Turn("system", prefix, system, self.system_suffix))
+        tags = self.tools.response_tags() if self.tools is not None else None
+        last_query = last_query_index(rest, tags) if self.thinking is not None else len(rest)
         i = 0
         while i < len(rest):
             msg, role = rest[i], rest[i]["role"]
             if role == "tool" and self.tools is not None:
-                results = []
+                tf, results = self.tools, []
                 while i < len(rest) and rest[i]["role"] == "tool":
-                    results.append(substitute(self.tools.response, {"content": self._content(rest[i])}))
+                    results.append(tf.response_text(rest[i].get("content") or ""))
                     i += 1
-                tf = self.tools
+                    if not tf.group_responses:
+                        break
                 out.append(Turn("tool", tf.response_turn_prefix, tf.separator.join(results), tf.response_turn_suffix))
                 continue
-            body = self._content(msg)
+            lead, body = "", self._content(msg)
+            if role == "user" and i == 0 and given is not None and given.placement == "first_user":
+                body = given.definitions(tools or []) + body
+            if role == "assistant" and self.thinking is not None:
+                lead, body = self.thinking.reply(msg, body, after_query=i > last_query, last=i == len(rest) - 1)
             if role == "assistant" and msg.get("tool_calls") and self.tools is not None:
                 body = self.tools.body(body, msg["tool_calls"])
-            out.append(Turn(role, getattr(self, f"{role}_prefix"), body, getattr(self, f"{role}_suffix")))
+            prefix = getattr(self, f"{role}_prefix")
+            if role == "system" and self.later_system_prefix is not None:
+                prefix = self.later_system_prefix
+            out.append(Turn(role, prefix, lead + body, getattr(self, f"{role}_suffix")))
             i += 1
         return out
 
@@ -186,16 +239,26 @@ class ChatTemplate:
         content = msg.get("content") or ""
         return content.strip() if self.strip_content else content
 
-    @staticmethod
-    def fill(text: str, bos: str, eos: str) -> str:
-        return text.replace("{bos_token}", bos).replace("{eos_token}", eos)
+    def variable_values(self) -> dict[str, str]:
+        """Each variable's value as a render without overrides writes it (today's date where it is one)."""
+        return {name: value if isinstance(value, str) else datetime.now().strftime(value["strftime_now"])
+                for name, value in self.variables.items()}
+
+    def _filler(self, bos: str, eos: str) -> Callable[[str], str]:
+        values = {"bos_token": bos, "eos_token": eos, **self.variable_values()}
+        pattern = re.compile(r"\{(" + "|".join(re.escape(n) for n in values) + r")\}")
+        return lambda text: pattern.sub(lambda m: values[m.group(1)], text)
+
+    def fill(self, text: str, bos: str, eos: str) -> str:
+        """`text` with `{bos_token}`, `{eos_token}` and the template's variables filled in."""
+        return self._filler(bos, eos)(text)
 
     # ---- the string form (text tokenization, the chat_template, --dry-run) --------------------------------
     def render_spans(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-                     bos_token: str = "", eos_token: str = "",
-                     tools: list[Any] | None = None) -> tuple[str, list[tuple[int, int]]]:
+                     bos_token: str = "", eos_token: str = "", tools: list[Any] | None = None,
+                     enable_thinking: bool = True) -> tuple[str, list[tuple[int, int]]]:
         """The conversation as text and the character spans to train (one per assistant turn)."""
-        fill = lambda s: self.fill(s, bos_token, eos_token)  # noqa: E731
+        fill = self._filler(bos_token, eos_token)
         gen, eot = fill(self.prompt_for_generation), fill(self.end_of_turn)
         parts: list[str] = [fill(self.conversation_prefix)]
         spans: list[tuple[int, int]] = []
@@ -210,11 +273,14 @@ class ChatTemplate:
             pos += len(text)
         if add_generation_prompt:
             parts.append(gen)
+            if self.thinking is not None and enable_thinking is False:
+                parts.append(self.thinking.empty_block())
         return "".join(parts), spans
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-               bos_token: str = "", eos_token: str = "", tools: list[Any] | None = None) -> str:
-        return self.render_spans(messages, add_generation_prompt, bos_token, eos_token, tools)[0]
+               bos_token: str = "", eos_token: str = "", tools: list[Any] | None = None,
+               enable_thinking: bool = True) -> str:
+        return self.render_spans(messages, add_generation_prompt, bos_token, eos_token, tools, enable_thinking)[0]
 
     # ---- training and inference ids --------------------------------------------------------------------
     def encode(self, tokenizer: Any, messages: list[dict[str, Any]], mask_history: bool = False,
@@ -243,18 +309,21 @@ class ChatTemplate:
                 labels[i] = ids[i]
         return ids, labels
 
-    def prompt_ids(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> list[int]:
+    def prompt_ids(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None,
+                   enable_thinking: bool = True) -> list[int]:
         """The ids an inference prompt holds: the conversation so far and the generation prompt."""
         if self.tokenize == "pieces":
             from self_model.template.pieces import encode_pieces
 
             return encode_pieces(self, tokenizer, messages, add_generation_prompt=True)[0]
-        text = self.render(messages, True, tokenizer.bos_token or "", tokenizer.eos_token or "", tools)
+        text = self.prompt_text(tokenizer, messages, tools, enable_thinking)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def prompt_text(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str:
+    def prompt_text(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None,
+                    enable_thinking: bool = True) -> str:
         """The inference prompt as text (the conversation so far and the generation prompt)."""
-        return self.render(messages, True, tokenizer.bos_token or "", tokenizer.eos_token or "", tools)
+        return self.render(messages, True, tokenizer.bos_token or "", tokenizer.eos_token or "", tools,
+                           enable_thinking)
 
     def save_source(self, folder: Path) -> None:
         """The template's JSON definition beside the model it was trained with (chat_template_source.json)."""
@@ -322,84 +391,8 @@ class ChatTemplate:
         self.special_token_ids(tokenizer)
 
 
-# ---- loading and registry --------------------------------------------------------------------------------
-_FIELDS = {f.name: f for f in dataclasses.fields(ChatTemplate)}
-_TOOL_FIELDS = [f.name for f in dataclasses.fields(ToolFormat)]
-_NULLABLE = {"system_prefix", "generation_prompt", "default_system", "reply_end", "tools"}
-_BOOLS = {"strip_content", "system_anywhere"}
-
-
-def _tool_hint() -> str:
-    with_tools = [name for name in available_templates() if get_template(name).tools is not None]
-    return f" (templates with tools: {with_tools}); remove the tool turns or switch template"
-
-
-def available_templates() -> list[str]:
-    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.json"))
-
-
-def _type_problem(key: str, value: Any) -> str | None:
-    if value is None:
-        return None if key in _NULLABLE else f"{key}: must not be null"
-    if key in _BOOLS:
-        ok = isinstance(value, bool)
-    elif key == "stop_words":
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    elif key == "special_tokens":
-        ok = isinstance(value, dict) and all(v is None or (isinstance(v, int) and not isinstance(v, bool))
-                                             for v in value.values())
-    elif key == "tools":
-        ok = isinstance(value, dict)
-    else:
-        ok = isinstance(value, str)
-    expected = {"stop_words": "a list of strings", "special_tokens": "a mapping of token to id (or null)",
-                "tools": "a mapping (see the README)"}.get(key, "true or false" if key in _BOOLS else "a string")
-    return None if ok else f"{key}: expected {expected}, got {value!r}"
-
-
-def template_from_dict(data: dict[str, Any], source: str) -> ChatTemplate:
-    problems = []
-    for key in data:
-        if key not in _FIELDS:
-            problems.append(f"{key}: unknown template field{did_you_mean(key, _FIELDS)}")
-    for name, f in _FIELDS.items():
-        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append(f"{name}: required template field is missing")
-    problems += [p for key, value in data.items() if key in _FIELDS and (p := _type_problem(key, value))]
-    tools = data.get("tools")
-    if isinstance(tools, dict):
-        problems += [f"tools.{k}: unknown field{did_you_mean(k, _TOOL_FIELDS)}"
-                     for k in tools if k not in _TOOL_FIELDS]
-        problems += [f"tools.{k}: required field is missing" for k in _TOOL_FIELDS if k not in tools]
-        problems += [f"tools.{k}: expected a string, got {v!r}" for k, v in tools.items() if not isinstance(v, str)]
-    if problems:
-        raise ConfigError(problems + ["(the template schema is documented in self_model/template/README.md)"],
-                          source=source)
-    try:
-        values = dict(data)
-        if isinstance(tools, dict):
-            values["tools"] = ToolFormat(**tools)
-        return ChatTemplate(**values)
-    except ValueError as exc:
-        raise ConfigError([str(exc)], source=source) from None
-
-
-def load_template(path: str | Path) -> ChatTemplate:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"template_path: file not found: {path} (shipped templates: {available_templates()})"])
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError([f"{path}:{exc.lineno}: not valid JSON: {exc.msg}"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a JSON object of template fields"])
-    data.setdefault("name", path.stem)
-    return template_from_dict(data, str(path))
-
-
-def get_template(name: str) -> ChatTemplate:
-    known = available_templates()
-    if name not in known:
-        raise ConfigError([f"template: unknown template '{name}'{did_you_mean(name, known)}; shipped: {known}"])
-    return load_template(TEMPLATE_DIR / f"{name}.json")
+# ---- hints naming the shipped templates that have a section ------------------------------------------------
+def _hint(section: str) -> str:
+    have = [name for name in available_templates() if getattr(get_template(name), section) is not None]
+    turns = "tool turns" if section == "tools" else "reasoning"
+    return f" (templates with {section}: {have}); remove the {turns} or switch template"

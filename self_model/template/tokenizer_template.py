@@ -52,11 +52,16 @@ class TokenizerTemplate:
             ids = full_ids
         return ids, labels
 
-    def prompt_ids(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> list[int]:
-        return list(tokenizer(self.prompt_text(tokenizer, messages, tools), add_special_tokens=False)["input_ids"])
+    def prompt_ids(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None,
+                   enable_thinking: bool = True) -> list[int]:
+        text = self.prompt_text(tokenizer, messages, tools, enable_thinking)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def prompt_text(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    def prompt_text(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None,
+                    enable_thinking: bool = True) -> str:
+        """`enable_thinking` reaches the template as the variable Qwen3's templates read (others ignore it)."""
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=enable_thinking)
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Only the tokenizer's eos: a Jinja template does not say which token ends a turn."""

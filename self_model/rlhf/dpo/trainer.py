@@ -2,7 +2,8 @@
 
 The reference model, by case:
 - LoRA from a base model: the base itself, by switching the adapter off (trl does this; no second copy).
-- LoRA / QLoRA from an SFT adapter (`adapter_name_or_path`), *stacked*: DPO keeps training the SFT adapter,
+- LoRA / QLoRA from an SFT adapter (`model_name_or_path` at the SFT run, or `adapter_name_or_path`; start_adapter:
+  continue), *stacked*: DPO keeps training the SFT adapter,
   and trl keeps a frozen copy of it as adapter "ref", so the reference is base + SFT adapter = the SFT model.
 - Full training: a separate frozen copy of the starting model, or none with `precompute_ref_log_probs`
   (trl then scores the data once before training). From an SFT adapter, the adapter is *merged* into the
@@ -15,11 +16,10 @@ import logging
 import os
 from typing import Any
 
-import torch
-
 from self_model.core.errors import ConfigError
-from self_model.core.modeling import count_parameters
-from self_model.core.run import MetricsMixin, build_training_args
+from self_model.core.lineage import start_of
+from self_model.core.modeling import count_parameters, weights_dtype
+from self_model.core.run import RUN_DEFAULTS, MetricsMixin, build_training_args
 from self_model.core.tracking import setup_tracking
 from self_model.rlhf import policy as rlhf_model
 from self_model.rlhf.config import DPOStageConfig
@@ -31,12 +31,7 @@ logger = logging.getLogger("self_model")
 
 # Defaults that differ from trl's DPOConfig; any of them can be set in training_args.
 DPO_DEFAULTS: dict[str, Any] = {
-    "logging_steps": 10,
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 3,
-    "include_num_input_tokens_seen": "non_padding",
-    "lr_scheduler_type": "cosine",
+    **RUN_DEFAULTS,
     # trl turns both on; like SFT, precision is asked for in the YAML (bf16: true) and checkpointing is opt-in.
     "bf16": False,
     "gradient_checkpointing": False,
@@ -61,7 +56,7 @@ def describe_reference(cfg: DPOStageConfig, precompute: bool) -> str:
 
 
 def load_dpo_models(cfg: DPOStageConfig, tokenizer: Any, args: Any) -> DPOModels:
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = weights_dtype(args, cfg.peft)
     return rlhf_model.load_policy(cfg, tokenizer, dtype, args.gradient_checkpointing, "DPO",
                                   reference_copy=not args.precompute_ref_log_probs,
                                   precompute=args.precompute_ref_log_probs)
@@ -125,7 +120,7 @@ def print_dpo_plan(cfg: DPOStageConfig, args: Any, tokenizer: Any, template: Tem
     summary = report.summary()
     losses = cfg.loss_type if isinstance(cfg.loss_type, str) else ", ".join(cfg.loss_type)
     print("\n=== dry run: nothing is trained ===")
-    print(f"model:      {cfg.model_name_or_path} ({mode} DPO); loss {losses}, beta {cfg.beta}")
+    print(f"model:      {start_of(cfg).describe()} ({mode} DPO); loss {losses}, beta {cfg.beta}")
     print(f"reference:  {describe_reference(cfg, args.precompute_ref_log_probs)}")
     print(f"template:   {template.name}")
     print(f"train data: {summary['rows_in']} rows -> {summary['pairs_out']} pairs; identical dropped "

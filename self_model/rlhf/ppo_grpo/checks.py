@@ -33,6 +33,7 @@ GRPO_RESERVED_ARGS = {
     "num_train_epochs": "ppo.total_epochs",
     "max_steps": "ppo.total_training_steps",
     "reward_weights": "ppo.reward.weights",
+    "use_vllm": "ppo.rollout_backend (hf or vllm)",
     "trust_remote_code": "the top-level trust_remote_code:",
     "model_init_kwargs": "model_name_or_path / peft.qlora (this toolkit loads the model)",
 }
@@ -153,13 +154,35 @@ def ppo_problems(cfg: Any, algorithm: str) -> list[str]:
     if algorithm == "ppo" and ppo.backend == "trl":
         errors.append(ppo_trl_problem())
     errors += verl_problems(cfg, algorithm) if ppo.backend == "verl" else trl_batch_problems(ppo, world_size())
+    if ppo.backend == "trl":
+        errors += trl_rollout_problems(ppo)
     if ppo.prepare_only and ppo.backend != "verl":
         errors.append("ppo.prepare_only: only means something for ppo.backend: verl (write the run folder, launch "
                       "nothing); backend trl trains on this machine")
+    if not ppo.reward.functions and not ppo.reward.reward_model_name_or_path:
+        # Checked here, not in the section: the guide's top-level reward_model_name_or_path fills it in first.
+        errors.append("ppo.reward: name at least one reward: functions: [normalized_match] (built-in: exact_match, "
+                      "normalized_match, format, length_penalty, or path/to/file.py:function) and/or "
+                      "reward_model_name_or_path")
     errors += reward_import_problems(ppo.reward.functions)
     if not ppo.output_dir.strip():
         errors.append("ppo.output_dir: empty")
     return errors
+
+
+def trl_rollout_problems(ppo: Any) -> list[str]:
+    """trl generates with transformers (hf) or, with use_vllm, with vLLM on a GPU."""
+    if ppo.rollout_backend == "hf":
+        return []
+    if ppo.rollout_backend != "vllm":
+        return [f"ppo.rollout_backend: '{ppo.rollout_backend}' is not a rollout of backend trl; choose hf "
+                "(transformers generate, any machine) or vllm (trl's use_vllm, a GPU with vLLM installed)"]
+    import torch
+
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        return ["ppo.rollout_backend: vllm with backend trl needs vLLM and a GPU here (uv sync --extra vllm); use "
+                "rollout_backend: hf (transformers generate) on this machine"]
+    return []
 
 
 def ppo_trl_problem() -> str:

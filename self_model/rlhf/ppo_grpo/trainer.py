@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from self_model.core.errors import ConfigError, UserError
-from self_model.core.run import MetricsMixin, build_training_args
+from self_model.core.lineage import start_of
+from self_model.core.modeling import weights_dtype
+from self_model.core.run import RUN_DEFAULTS, MetricsMixin, build_training_args
 from self_model.core.tracking import setup_tracking
 from self_model.rlhf import policy as rlhf_model
 from self_model.rlhf.config import RLStageConfig
@@ -30,11 +32,11 @@ logger = logging.getLogger("self_model")
 
 # Defaults that differ from trl's GRPOConfig; any of them can be set in ppo.trl_args.
 GRPO_DEFAULTS: dict[str, Any] = {
-    "logging_steps": 1,
-    "save_strategy": "steps",
-    "save_steps": 500,
+    **RUN_DEFAULTS,
+    "logging_steps": 1,  # a GRPO step is a whole round of generation: each one is worth a line
     "save_total_limit": 2,
     "lr_scheduler_type": "constant",
+    "include_num_input_tokens_seen": "no",  # trl's GRPO batches hold prompts, not the input_ids it would count
     # trl turns both on; as for SFT and DPO, precision is asked for explicitly and checkpointing is opt-in.
     "bf16": False,
     "gradient_checkpointing": False,
@@ -62,7 +64,8 @@ def grpo_training_args(cfg: RLStageConfig) -> Any:
                   per_device_train_batch_size=micro,
                   gradient_accumulation_steps=ppo.ppo_mini_batch_size * n // (micro * processes),
                   steps_per_generation=ppo.train_batch_size * n // (micro * processes),
-                  num_train_epochs=ppo.total_epochs, reward_weights=weights, trust_remote_code=cfg.trust_remote_code)
+                  num_train_epochs=ppo.total_epochs, reward_weights=weights, trust_remote_code=cfg.trust_remote_code,
+                  use_vllm=ppo.rollout_backend == "vllm")
     if ppo.total_training_steps:  # a verl step (train_batch_size prompts) is train / mini optimizer steps
         values["max_steps"] = ppo.total_training_steps * math.ceil(ppo.train_batch_size / ppo.ppo_mini_batch_size)
     return build_training_args(values, GRPOConfig, defaults)
@@ -100,9 +103,11 @@ def build_grpo_trainer(cfg: RLStageConfig, tokenizer: Any, template: Template, a
 
     template.apply_to_tokenizer(tokenizer)  # trl renders the prompts with the tokenizer's chat_template
     kl = args.beta != 0.0
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = weights_dtype(args, cfg.peft)
+    # trl builds a full-training reference from the weights on disk: a merged start needs its own frozen copy.
+    merged_start = bool(start_of(cfg).merged)
     models = rlhf_model.load_policy(cfg, tokenizer, dtype, args.gradient_checkpointing, "GRPO",
-                                    reference_copy=kl and bool(cfg.adapter_name_or_path) and not cfg.peft.enabled)
+                                    reference_copy=kl and merged_start and not cfg.peft.enabled)
     reference = models.reference if kl else "none: use_kl_loss is off, so no reference model is used"
     stop = template.stop_token_ids(tokenizer)
     if stop:  # generation ends on the template's end-of-turn token, which the model was trained to emit
@@ -168,7 +173,7 @@ def print_grpo_plan(cfg: RLStageConfig, args: Any, rows: list[dict[str, Any]], r
     ppo, processes = cfg.ppo, world_size()
     mode = "QLoRA" if cfg.peft.qlora else ("LoRA" if cfg.peft.enabled else "full")
     print("\n=== dry run: nothing is trained ===")
-    print(f"model:      {cfg.model_name_or_path} ({mode} GRPO with trl), adapter {cfg.adapter_name_or_path or '-'}")
+    print(f"model:      {start_of(cfg).describe()} ({mode} GRPO with trl)")
     print(f"reference:  {describe_reference(cfg, 'GRPO') if args.beta else 'none (use_kl_loss off)'}; "
           f"KL coefficient {args.beta}")
     weights = args.reward_weights or []

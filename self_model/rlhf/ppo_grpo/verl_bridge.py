@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from self_model.core.errors import ConfigError, UserError
+from self_model.core.lineage import Start, start_of
 from self_model.rlhf.config import RLStageConfig, log_unread_sections
 from self_model.rlhf.ppo_grpo import rewards
 from self_model.rlhf.ppo_grpo.checks import kl_enabled
@@ -41,11 +42,15 @@ def verl_installed() -> bool:
     return importlib.util.find_spec("verl") is not None
 
 
-def require_verl() -> None:
+def why_verl_cannot_run_here() -> str | None:
+    """None when verl can train on this machine; else the reason (verl missing, or no GPU for its rollout)."""
     if not verl_installed():
-        raise UserError("ppo.backend: verl, but verl is not installed in this environment. Install the rlhf extra: "
-                        "uv sync --extra rlhf (verl + Ray; rollout needs GPUs), or set ppo.prepare_only=true to write "
-                        "the run folder and verl command line here and run it on the GPU machine.")
+        return "verl is not installed in this environment (the rlhf extra)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "this machine has no GPU (verl's vLLM / SGLang rollout and FSDP workers need CUDA GPUs)"
+    return None
 
 
 # ---- YAML -> overrides ----------------------------------------------------------------------------------------
@@ -73,11 +78,25 @@ def _reward_spec(spec: str) -> str:
     return spec if parts is None else f"{Path(parts[0]).resolve()}:{parts[1]}"
 
 
-def _lora(cfg: RLStageConfig) -> dict[str, Any]:
+def verl_start(cfg: RLStageConfig) -> Start:
+    """The start (core.lineage) as verl takes it: full weights from a folder, plus at most one LoRA adapter that
+    training continues. verl merges nothing, so a start that needs an adapter merged in is refused with the fix."""
+    start = start_of(cfg)
+    if start.merged:
+        raise UserError(f"ppo.backend: verl loads full weights (plus one LoRA adapter to keep training), but this "
+                        f"start merges {', '.join(start.merged)} into {start.model}. Merge it once with uv run python "
+                        "self_model/tools/export_model.py --config config/self_model_config/export.yaml "
+                        f"model_name_or_path={start.merged[-1]} output_dir=<folder>, then set model_name_or_path to "
+                        "that export; or keep peft.enabled: true with start_adapter: continue (an adapter trained on "
+                        "plain base weights)")
+    return start
+
+
+def _lora(cfg: RLStageConfig, start: Start) -> dict[str, Any]:
     if not cfg.peft.enabled:
         return {}
     r, alpha, targets = cfg.peft.lora_r, cfg.peft.lora_alpha, cfg.peft.target_modules
-    adapter = cfg.adapter_name_or_path
+    adapter = start.adapter
     if adapter and (Path(adapter) / "adapter_config.json").is_file():  # the adapter's own shape is what trains
         saved = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
         r, alpha, targets = saved.get("r", r), saved.get("lora_alpha", alpha), saved.get("target_modules", targets)
@@ -91,7 +110,8 @@ def _lora(cfg: RLStageConfig) -> dict[str, Any]:
 def verl_overrides(cfg: RLStageConfig, run_dir: Path, tokenizer_dir: str, has_eval: bool) -> list[str]:
     """`ppo:` (and the shared model keys) as overrides of verl's ppo_trainer.yaml; extra_overrides win."""
     ppo, algorithm = cfg.ppo, cfg.algorithm
-    run_dir, model = run_dir.resolve(), _local(cfg.model_name_or_path)
+    start = verl_start(cfg)  # model_name_or_path may be a previous run's result (full weights or an adapter)
+    run_dir, model = run_dir.resolve(), _local(start.model)
     gpus = ppo.n_gpus_per_node * ppo.nnodes
     micro = ppo.ppo_micro_batch_size_per_gpu
     values: dict[str, Any] = {
@@ -106,7 +126,7 @@ def verl_overrides(cfg: RLStageConfig, run_dir: Path, tokenizer_dir: str, has_ev
         "actor_rollout_ref.model.path": model,
         "actor_rollout_ref.model.tokenizer_path": tokenizer_dir,
         "actor_rollout_ref.model.trust_remote_code": cfg.trust_remote_code,
-        **{f"actor_rollout_ref.model.{k}": v for k, v in _lora(cfg).items()},
+        **{f"actor_rollout_ref.model.{k}": v for k, v in _lora(cfg, start).items()},
         "actor_rollout_ref.actor.optim.lr": ppo.actor_lr,
         "actor_rollout_ref.actor.ppo_mini_batch_size": ppo.ppo_mini_batch_size,
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": micro,
@@ -214,8 +234,6 @@ def run_verl(cfg: RLStageConfig, dry_run: bool = False) -> Path | None:
     ppo = cfg.ppo
     log_unread_sections(cfg, f"train_{cfg.algorithm}.py (verl)",
                         f"output: ppo.output_dir={cfg.output_dir}, learning rate: ppo.actor_lr")
-    if not (dry_run or ppo.prepare_only):
-        require_verl()
     (tokenizer, template), train, eval_, data = load_prompt_data(cfg)
     logger.info("train prompts: %s", data["train"])
     if dry_run:
@@ -235,6 +253,14 @@ def run_verl(cfg: RLStageConfig, dry_run: bool = False) -> Path | None:
           f"  {OVERRIDES_FILE}: the verl command line; run it where verl, vLLM and the GPUs are: "
           f"uv run --no-sync bash {run.run_dir / OVERRIDES_FILE}")
     if ppo.prepare_only:
+        return run.run_dir
+    if reason := why_verl_cannot_run_here():
+        # The guide's PPO command on a laptop: the complete verl job is written; say exactly what to run where.
+        print(f"\nverl cannot train here: {reason}. The complete job is in {run.run_dir}. On a machine with GPUs "
+              f"and this checkout (see README, 'GPU setup'):\n  uv sync --extra rlhf && uv pip install "
+              f"\"verl[vllm]==0.9.1\"\n  uv run --no-sync bash {run.run_dir / OVERRIDES_FILE}\n"
+              f"(ppo.n_gpus_per_node={ppo.n_gpus_per_node}, ppo.nnodes={ppo.nnodes}; set ppo.prepare_only: true to "
+              "skip this message)")
         return run.run_dir
     launch_verl(run)
     print(f"\nverl finished; checkpoints in {run.run_dir / 'checkpoints'}. To a Hugging Face model: python -m "
