@@ -179,3 +179,12 @@ def test_half_precision_loads_the_frozen_base_in_half(tiny_model_dir: Path) -> N
     dtypes = {p.dtype for p in trained.parameters() if p.requires_grad}
     frozen = {p.dtype for p in trained.parameters() if not p.requires_grad}
     assert dtypes == {torch.float32} and frozen == {torch.float16}
+
+
+def test_swanlab_local_mode_has_its_dashboard() -> None:
+    """`swanlab watch` (printed after a local swanlab run) needs swanboard: the trace extra installs it."""
+    import importlib.util
+
+    if importlib.util.find_spec("swanlab") is None:
+        pytest.skip("the trace extra is not installed")
+    assert importlib.util.find_spec("swanboard") is not None, "uv sync --extra trace must install swanlab[dashboard]"
