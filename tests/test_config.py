@@ -73,6 +73,14 @@ def test_every_mistake_reported_at_once(tmp_path: Path, tiny_model_dir: Path) ->
     assert "peft.enabled: expected true or false, got 'yes'" in text
     assert "trace: 'swanlabb' is not allowed" in text and "did you mean 'swanlab'" in text
     assert "tempalte_path: unknown key (did you mean 'template_path'?)" in text
+    assert f"data.train_file: file not found: {tmp_path / 'missing.jsonl'}" in text
+    assert "training_args.learning_rate: expected a number, got 'fast'" in text
+    assert "training_args.warmup_ratio: not an argument of TrainingArguments any more; use warmup_steps" in text
+    assert ("training_args.evaluation_strategy: not an argument of TrainingArguments any more; "
+            "use eval_strategy") in text
+    assert ("training_args.per_device_train_batch_sise: unknown TrainingArguments argument "
+            "(did you mean 'per_device_train_batch_size'?)") in text
+    assert len(exc.value.problems) == 10  # every planted mistake, each once, nothing else
 
 
 def test_training_args_checked_against_transformers(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -7,6 +7,7 @@ LM head, so greedy answers are varied gibberish rather than one repeated token) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,15 +240,13 @@ def test_shipped_yaml_loads_and_dry_runs(export_dir: Path, capsys: Any) -> None:
 
 
 # ---- the OpenAI-compatible server ------------------------------------------------------------------------------
-def test_server_answers_the_openai_client_like_the_cli(run_final: Path, run_engine: Any, capsys: Any) -> None:
+@contextlib.contextmanager
+def served(folder: Path) -> Iterator[tuple[int, subprocess.Popen]]:
+    """serve.py on 127.0.0.1 at a free port, up (health check) within 120 s; stopped and checked afterwards."""
     for module in ("fastapi", "uvicorn", "openai"):
         pytest.importorskip(module, reason="the server needs the serve extra (uv sync --extra serve)")
-    from openai import OpenAI
-
-    assert tool(serve_tool, ["--model", str(run_final), "--dry-run"]) == 0
-    assert "transformers.cli.transformers serve my-sft" in capsys.readouterr().out
     port = free_port()
-    server = subprocess.Popen([sys.executable, "self_model/tools/serve.py", "--model", str(run_final),
+    server = subprocess.Popen([sys.executable, "self_model/tools/serve.py", "--model", str(folder),
                                f"server.port={port}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -260,6 +260,23 @@ def test_server_answers_the_openai_client_like_the_cli(run_final: Path, run_engi
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"the server did not come up:\n{server.stdout.read() if server.stdout else ''}")
                 time.sleep(0.5)
+        yield int(port), server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    assert server.returncode == 0
+
+
+def test_server_answers_the_openai_client_like_the_cli(run_final: Path, run_engine: Any, capsys: Any) -> None:
+    from openai import OpenAI
+
+    assert tool(serve_tool, ["--model", str(run_final), "--dry-run"]) == 0
+    assert "transformers.cli.transformers serve my-sft" in capsys.readouterr().out
+    with served(run_final) as (port, _):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60)
         for question in (Q1, Q2):
             messages = [{"role": "user", "content": question}]
@@ -271,14 +288,54 @@ def test_server_answers_the_openai_client_like_the_cli(run_final: Path, run_engi
             streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
             # The server's incremental decoder holds back a character cut in half by max_tokens ('\ufffd').
             assert streamed == expected.removesuffix("\ufffd").strip()
-    finally:
-        server.terminate()
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children (transformers serve may fork), from /proc."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            raise
-    assert server.returncode == 0
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if proc.name == str(pid) or fields.get("PPid", "").strip() == str(pid):
+            total += int(fields.get("VmRSS", "0 kB").split()[0]) / 1024
+    return total
+
+
+def test_server_under_load_answers_every_streaming_client(run_final: Path, run_engine: Any) -> None:
+    """32 concurrent streaming clients (127.0.0.1 only, bounded in count and time): every answer complete and the
+    greedy answer, none lost, the server's memory bounded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    questions = [Q1, Q2] * 16
+    expected = {q: run_engine.generate([[{"role": "user", "content": q}]], GREEDY)[0] for q in (Q1, Q2)}
+    with served(run_final) as (port, server):
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
+        before = rss_mib(server.pid)
+
+        def ask(question: str) -> tuple[str, str | None]:
+            stream = client.chat.completions.create(model="my-sft", messages=[{"role": "user", "content": question}],
+                                                    temperature=0, max_tokens=16, stream=True)
+            text, finish = "", None
+            for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    finish = chunk.choices[0].finish_reason or finish
+            return text.strip(), finish
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            answers = list(pool.map(ask, questions, timeout=240))
+        elapsed = time.monotonic() - start
+        after = rss_mib(server.pid)
+    assert len(answers) == 32 and all(finish in ("stop", "length") for _, finish in answers)
+    for question, (text, _) in zip(questions, answers):
+        assert text == expected[question].removesuffix("\ufffd").strip()
+    assert elapsed < 240 and after - before < 1024, f"{elapsed:.0f} s, memory {before:.0f} -> {after:.0f} MiB"
 
 
 # ---- vLLM (GPU) ---------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_a_run_writes_info_trains_saves_the_stage_results_and_closes_tracking(tm
     assert trainer.resumed_from == "checkpoint-4"
     assert json.loads((tmp_path / "run_info.json").read_text())["train_data"] == {"rows": 3}
     assert lifecycle == ["saved ['data_report.json']", "closed wandb"]
-    assert [type(c).__name__ for c in trainer.callbacks] == ["RunRecordCallback"]  # metrics.jsonl and curves
+    assert [type(c).__name__ for c in trainer.callbacks] == ["RunRecordCallback", "RunGuard"]  # record; signals, NaN
 
 
 @pytest.mark.parametrize("fail", ["diverged", "crashed"])

@@ -64,8 +64,9 @@ def test_full_finetune(sft_config: Any, tiny_model_dir: Path) -> None:
     assert any("tokens_per_second" in e for e in state["log_history"])
 
 
-def test_lora_finetune_saves_adapter(sft_config: Any) -> None:
+def test_lora_finetune_saves_adapter(sft_config: Any, tiny_model_dir: Path) -> None:
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     cfg = sft_config({"training_args.learning_rate": "5.0e-3"})
     final = train_finetune.main(cfg)
@@ -75,12 +76,26 @@ def test_lora_finetune_saves_adapter(sft_config: Any) -> None:
     # LoRA B starts at zero; training moved it.
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
     assert not (final / "model.safetensors").exists()
-    assert PeftModel  # the adapter loads with peft in test_generation below
+    # The adapter loads with peft onto the base, with exactly the trained weights.
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final)
+    state = {k.replace(".default", ""): v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert len(state) == len(adapter)
+    assert all(torch.equal(state[k], v) for k, v in adapter.items()), sorted(set(adapter) - set(state))[:3]
 
 
-def test_qlora_finetune_on_cpu(sft_config: Any) -> None:
+def test_qlora_finetune_on_cpu(sft_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitsandbytes as bnb
+
+    loaded: list[Any] = []
+    load = train_finetune.load_model_for_training
+    monkeypatch.setattr(train_finetune, "load_model_for_training", lambda *a, **k: loaded.append(load(*a, **k))
+                        or loaded[-1])
     cfg = sft_config({"peft.qlora": "true", "training_args.learning_rate": "5.0e-3"})
     final = train_finetune.main(cfg)
+    # QLoRA: the base's linear layers (under the LoRA ones, and the untargeted MLP) trained in 4-bit, not plain LoRA.
+    linears = {n: m for n, m in loaded[0].named_modules() if n.endswith(("q_proj.base_layer", "mlp.down_proj"))}
+    assert len(linears) == 2 * loaded[0].config.num_hidden_layers
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in linears.values()), linears
     adapter = _weights(final)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
     assert all(math.isfinite(x) for x in _losses(final.parent))
@@ -92,6 +107,31 @@ def test_packing_run(sft_config: Any) -> None:
     cfg = sft_config({"data.packing": "true", "peft.enabled": "false", "training_args.learning_rate": "1.0e-3"})
     final = train_finetune.main(cfg)
     assert all(math.isfinite(x) for x in _losses(final.parent))
+
+
+def test_packed_training_path_keeps_samples_apart(sft_config: Any, tiny_tokenizer: Any) -> None:
+    """The model as training loads it (load_model_for_training): per-document attention installed, the KV cache
+    off, and a packed batch's logits equal each sample's own. Removing either guard fails here."""
+    from self_model.fine_tuning.data import build_sft_dataset, make_collator
+    from self_model.fine_tuning.trainer import load_model_for_training, sft_training_args
+    from self_model.template.resolve import resolve_template
+
+    cfg = sft_config({"data.packing": "true", "peft.enabled": "false", "training_args.fp16": "false"})
+    model = load_model_for_training(cfg, tiny_tokenizer, sft_training_args(cfg)).eval()
+    assert model.config._attn_implementation == "sdpa_varlen"  # core/attention.py use_varlen_attention
+    assert model.config.use_cache is False  # with the cache on, transformers ignores packed boundaries
+    template = resolve_template(cfg, tiny_tokenizer)
+    dataset, _ = build_sft_dataset(cfg.data.train_file, tiny_tokenizer, template, cfg.data, 3)
+    features = [dataset[i] for i in range(3)]
+    packed = make_collator(tiny_tokenizer, packing=True)(features)
+    with torch.no_grad():
+        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+        start = 0
+        for f in features:
+            n = len(f["input_ids"])
+            alone = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed_logits[start:start + n], alone, atol=1e-4, rtol=1e-4)
+            start += n
 
 
 def test_finished_run_is_never_overwritten_and_resume(sft_config: Any, tmp_path: Path) -> None:
@@ -132,8 +172,12 @@ def test_generation_with_the_saved_chat_template(sft_config: Any) -> None:
 
     final = train_finetune.main(sft_config({"training_args.max_steps": "2"}))
     model, tokenizer = load_for_inference(final)
-    answer = chat(model, tokenizer, [{"role": "user", "content": "发烧怎么办？"}], max_new_tokens=8)
-    assert isinstance(answer, str)
+    messages = [{"role": "user", "content": "发烧怎么办？"}]
+    answer = chat(model, tokenizer, messages, max_new_tokens=8)
+    # The same greedy answer by hand from the saved chat template, cut at the end-of-turn token.
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+    assert answer == tokenizer.decode(out, skip_special_tokens=True).strip(), (answer, out)
     eos = model.generation_config.eos_token_id
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
 

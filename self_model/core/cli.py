@@ -56,8 +56,8 @@ def run_main(main: Callable[..., Any], cls: type[T], description: str, argv: lis
     try:
         cfg = load_stage_config(cls, args)
         main(cfg, dry_run=args.dry_run)
-    except UserError as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
+    except UserError as exc:  # RunInterrupted (SIGTERM / SIGINT) says "interrupted:" and how to resume
+        print(f"\n{getattr(exc, 'label', 'error')}: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted: no final/ was written; resume with training_args.resume_from_checkpoint=auto",

@@ -14,9 +14,12 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -67,28 +70,51 @@ def is_main_process() -> bool:
 
 
 # ---- the run folder ------------------------------------------------------------------------------------
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# The file the Trainer writes last into checkpoint-N/: without it the save was interrupted.
+COMPLETE_MARK = "trainer_state.json"
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The run's checkpoint-N folders, newest first."""
+    found = [p for p in out.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)] if out.is_dir() else []
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
+
+
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing; incomplete ones (killed while saving) are skipped."""
+    for folder in checkpoints(out):
+        if (folder / COMPLETE_MARK).is_file():
+            return str(folder)
+        logger.warning("skipping %s: it is incomplete (no %s; the run was stopped while saving it)", folder,
+                       COMPLETE_MARK)
+    return None
+
+
 def prepare_output_dir(output_dir: str | Path, resume: str | bool | None) -> str | None:
     """Refuse to overwrite a finished or unfinished run unless asked to resume; return the checkpoint to resume."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(output_dir)
     if (out / FINAL_DIR).exists():
         raise UserError(f"{out} holds a finished run ({out / FINAL_DIR} exists); it is never overwritten. "
                         f"Choose another training_args.output_dir (e.g. training_args.output_dir={out}-2).")
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if resume in (None, False, ""):
-        if last:
-            raise UserError(f"{out} holds checkpoints of an unfinished run (last: {last}). Continue it with "
+        found = checkpoints(out)
+        if found:
+            raise UserError(f"{out} holds checkpoints of an unfinished run (last: {found[0]}). Continue it with "
                             "training_args.resume_from_checkpoint=auto, or choose another training_args.output_dir.")
         return None
     if resume in ("auto", True):
+        last = last_complete_checkpoint(out)
         if last is None:
-            logger.info("resume_from_checkpoint: auto found no checkpoint in %s; starting from scratch", out)
+            logger.info("resume_from_checkpoint: auto found no complete checkpoint in %s; starting from scratch", out)
         else:
             logger.info("resuming from %s", last)
         return last
     if not Path(str(resume)).is_dir():
         raise UserError(f"training_args.resume_from_checkpoint: no such checkpoint folder: {resume}")
+    if not (Path(str(resume)) / COMPLETE_MARK).is_file():
+        raise UserError(f"training_args.resume_from_checkpoint: {resume} is incomplete (no {COMPLETE_MARK}: the run "
+                        "was stopped while saving it); name an earlier checkpoint-N or use auto")
     return str(resume)
 
 
@@ -124,11 +150,18 @@ def write_run_info(output_dir: str | Path, cfg: Any, extra: dict[str, Any] | Non
     chain = lineage_record(cfg)  # before the folder exists: a start that cannot be read leaves nothing behind
     out.mkdir(parents=True, exist_ok=True)
     plain = redact(to_plain(cfg))
-    (out / "run_config.yaml").write_text(yaml.safe_dump(plain, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write_atomic(out / "run_config.yaml", yaml.safe_dump(plain, allow_unicode=True, sort_keys=False))
     info = {"git_commit": git_commit(), "versions": library_versions(), "python": sys.version.split()[0],
             "command": redact_argv(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **chain,
             **(extra or {})}
-    (out / "run_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_atomic(out / "run_info.json", json.dumps(info, indent=2, ensure_ascii=False))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside and rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def redact_argv(argv: list[str]) -> list[str]:
@@ -214,25 +247,142 @@ def logged_losses(trainer: Any) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+DIVERGENCE_HINT = ("Usual causes: a learning rate too high for this model (training_args.learning_rate; also "
+                   "check warmup_steps), or fp16 overflow (prefer training_args.bf16: true where the hardware has it, "
+                   "or keep fp16 with a lower learning rate and training_args.max_grad_norm set).")
+
+
+class RunInterrupted(UserError):
+    """SIGTERM / SIGINT stopped training after a checkpoint was saved; exit code 128 + the signal's number."""
+    label = "interrupted"
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class RunGuard:
+    """Stops training on SIGTERM / SIGINT (a cluster's preemption, Ctrl-C) after the step in progress, saving a
+    checkpoint (a second signal stops at once); and on a non-finite loss or gradient norm, saving nothing more."""
+
+    def __init__(self, patience: int = 1):
+        self.patience = patience
+        self.signum: int | None = None
+        self.stopped_at: int | None = None  # the step the signal stopped
+        self.bad_logs = 0
+        self.diverged: tuple[int, str, float] | None = None  # (step, key, value)
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now, as without the guard
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        logger.warning("%s received: saving a checkpoint at the end of this step, then stopping",
+                       signal.Signals(signum).name)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if any_rank(self.signum is not None, args) and self.diverged is None:
+            self.signum = self.signum or signal.SIGTERM  # another rank was signalled: stop at the same step
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> Any:
+        if not logs or "loss" not in logs:
+            return control  # evaluation logs are not training health
+        # fp16's loss scaler skips steps whose gradients overflowed (inf norm) and lowers its scale: normal there.
+        keys = ("loss",) if getattr(args, "fp16", False) else ("loss", "grad_norm")
+        bad = [(k, float(logs[k])) for k in keys if isinstance(logs.get(k), (int, float)) and
+               not math.isfinite(float(logs[k]))]
+        if not bad:
+            self.bad_logs = 0
+            return control
+        self.bad_logs += 1
+        control.should_save = control.should_evaluate = False  # never checkpoint non-finite weights
+        if self.bad_logs >= self.patience:
+            self.diverged = (state.global_step, *bad[0])
+            control.should_training_stop = True
+        return control
+
+
+def any_rank(flag: bool, args: Any) -> bool:
+    """Whether any rank has the flag: all ranks stop at the same step (a rank stopping alone leaves the others
+    waiting in a collective). One tiny all-reduce per step, only when distributed."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    value = torch.tensor([int(flag)], device=args.device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def run_guard(patience: int = 1) -> RunGuard:
+    """A RunGuard that is a transformers TrainerCallback (imported here: importing the Trainer costs seconds)."""
+    from transformers import TrainerCallback
+
+    return type("RunGuard", (RunGuard, TrainerCallback), {})(patience)
+
+
+def _stop_message(guard: RunGuard, out: Path, hint: str) -> UserError | None:
+    last = last_complete_checkpoint(out)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+    if guard.diverged is not None:
+        step, key, value = guard.diverged
+        return UserError(f"training diverged at step {step} ({key} {value}, {guard.bad_logs} logged step(s) in a row; "
+                         f"divergence_patience: {guard.patience}); training stopped, no final/ was written, {kept}. "
+                         f"{hint} {DIVERGENCE_HINT}")
+    if guard.stopped_at is not None:  # a signal after the last step: the run finished, final/ is written
+        name = signal.Signals(guard.signum or signal.SIGTERM).name
+        where = f"saved {last}" if last else "no checkpoint could be saved"
+        return RunInterrupted(f"{name} stopped training at step {guard.stopped_at}: {where}; no final/ was written. "
+                              "Resume with the same command plus training_args.resume_from_checkpoint=auto",
+                              guard.signum)
+    return None
+
+
 def train_and_save(trainer: Any, cfg: Any, resume: str | None, tokenizer: Any, template: Any,
                    run_info: dict[str, Any], finish: Callable[[Any], dict[str, Any]] | None = None,
                    hint: str = "Lower the learning rate.") -> tuple[Path, dict[str, Any]]:
     """The lifecycle every stage shares once its run folder is prepared (`prepare_output_dir`) and its trainer built:
 
-    run info -> train -> refuse a diverged run (no final/) -> `finish(trainer)`, the stage's own results
-    ({file name: JSON payload}, written into final/) -> final/ -> the tracker's run closed, also on failure.
+    run info -> train (stopped early by `RunGuard` on SIGTERM / SIGINT or a non-finite loss / gradient norm) ->
+    refuse a stopped or diverged run (no final/) -> `finish(trainer)`, the stage's own results ({file name: JSON
+    payload}, written into final/) -> final/ -> the tracker's run closed, also on failure.
     Returns final/ and the stage's results.
     """
     from self_model.core.tracking import finish_tracking
 
     write_run_info(trainer.args.output_dir, cfg, run_info)
     trainer.add_callback(record_callback())  # metrics.jsonl at every log, curves.png at every save
+    guard = run_guard(getattr(cfg, "divergence_patience", 1))
+    trainer.add_callback(guard)
+    guard.install()
     try:
         trainer.train(resume_from_checkpoint=resume)
+        stopped = _stop_message(guard, Path(trainer.args.output_dir), hint)
+        if stopped is not None:
+            raise stopped
         losses = logged_losses(trainer)
         if losses and not all(math.isfinite(x) for x in losses):
             raise UserError(f"training diverged (loss {losses[-1]}); no final/ was written. {hint}")
         results = finish(trainer) if finish else {}
         return save_final(trainer, tokenizer, template, cfg, results), results
     finally:
+        guard.uninstall()
         finish_tracking(cfg.trace)

@@ -14,12 +14,17 @@ from typing import Any, Literal
 from self_model.core.backend_args import check_training_args
 from self_model.core.config import existing_files
 from self_model.core.lineage import is_adapter, result_folder
+from self_model.core.preflight import config_problems, size_problems
 from self_model.core.tracking import trace_problems
 
 
 def check_transformers_args(args: dict[str, Any], path: str) -> list[str]:
     missing = [] if "output_dir" in args else [f"{path}.output_dir: required key is missing (where the run goes)"]
-    return missing + check_training_args(args)
+    return missing + check_training_args(args) + size_problems(args)
+
+
+def at_least_one(value: int, path: str) -> list[str]:
+    return [] if value >= 1 else [f"{path}: expected a whole number of at least 1, got {value}"]
 
 
 def local_or_hub(value: str, path: str) -> list[str]:
@@ -118,6 +123,9 @@ class StageConfig:
     trust_remote_code: bool = False
     # Passed to the backend's arguments class and checked against its fields.
     training_args: dict[str, Any] = field(default_factory=dict, metadata={"check": check_transformers_args})
+    # Stop training after this many logged steps in a row with a non-finite loss or gradient norm (core/run.py
+    # RunGuard): no checkpoint is saved from then on and no final/ is written. 1 stops at the first one.
+    divergence_patience: int = field(default=1, metadata={"check": at_least_one})
 
     @property
     def tokenizer_path(self) -> str:
@@ -143,6 +151,6 @@ class StageConfig:
             errors.append("start_adapter: merge with peft.qlora: an adapter cannot be merged into 4-bit weights; "
                           "export the merged model first (self_model/tools/export_model.py) and start from it, or "
                           "set start_adapter: continue")
-        return errors
+        return errors + config_problems(self)  # core/preflight.py: known-bad combinations, before weights load
 
 
