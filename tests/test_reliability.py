@@ -219,9 +219,6 @@ def test_preflight_refuses_too_little_disk_for_the_kept_checkpoints(sft_config: 
     import shutil as real_shutil
 
     from self_model.core import preflight
-    from self_model.core.run import RUN_DEFAULTS
-
-    assert preflight.DEFAULT_SAVE_TOTAL_LIMIT == RUN_DEFAULTS["save_total_limit"]
     config = json.loads((tiny_model_dir / "config.json").read_text())
     params = preflight.parameter_count(config)
     from transformers import AutoModelForCausalLM

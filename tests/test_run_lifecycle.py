@@ -27,11 +27,12 @@ class Cfg:
 
 
 class FakeTrainer:
-    """Just what train_and_save touches: args.output_dir, train(), state.log_history."""
+    """Just what train_and_save touches: args, train() calling the callbacks at each step as the Trainer does,
+    state.log_history."""
 
     def __init__(self, output_dir: Path, losses: list[float], fail: bool = False):
-        self.args = SimpleNamespace(output_dir=str(output_dir))
-        self.state = SimpleNamespace(log_history=[])
+        self.args = SimpleNamespace(output_dir=str(output_dir), fp16=False)
+        self.state = SimpleNamespace(log_history=[], global_step=0)
         self.losses, self.fail, self.resumed_from = losses, fail, "not called"
         self.callbacks: list[Any] = []
 
@@ -42,7 +43,15 @@ class FakeTrainer:
         self.resumed_from = resume_from_checkpoint
         if self.fail:
             raise RuntimeError("out of memory")
-        self.state.log_history = [{"loss": x, "step": i} for i, x in enumerate(self.losses, 1)]
+        for step, loss in enumerate(self.losses, 1):
+            control = SimpleNamespace(should_save=True, should_evaluate=False, should_training_stop=False)
+            self.state.global_step = step
+            self.state.log_history.append({"loss": loss, "step": step})
+            for callback in self.callbacks:
+                callback.on_log(self.args, self.state, control, logs={"loss": loss})
+                callback.on_step_end(self.args, self.state, control)
+            if control.should_training_stop:
+                return
 
 
 @pytest.fixture
@@ -74,13 +83,15 @@ def test_a_run_writes_info_trains_saves_the_stage_results_and_closes_tracking(tm
 @pytest.mark.parametrize("fail", ["diverged", "crashed"])
 def test_a_failed_run_writes_no_final_and_still_closes_tracking(tmp_path: Path, lifecycle: list[str],
                                                                 fail: str) -> None:
-    trainer = FakeTrainer(tmp_path, [2.0, float("nan")], fail=fail == "crashed")
+    trainer = FakeTrainer(tmp_path, [2.0, float("nan"), 1.0], fail=fail == "crashed")
     with pytest.raises(UserError if fail == "diverged" else RuntimeError) as exc:
         run.train_and_save(trainer, Cfg(trace="swanlab"), None, None, None, {},
                            finish=lambda t: pytest.fail("finish must not run after a failed training"),
                            hint="Lower ppo.actor_lr.")
     if fail == "diverged":
-        assert "training diverged (loss nan); no final/ was written. Lower ppo.actor_lr." in str(exc.value)
+        assert "training diverged at step 2 (loss nan" in str(exc.value)
+        assert "no final/ was written" in str(exc.value) and "Lower ppo.actor_lr." in str(exc.value)
+        assert trainer.state.global_step == 2  # stopped at the bad step, not after the whole run
     assert lifecycle == ["closed swanlab"]  # no save, but the tracker's run is closed
 
 

@@ -30,6 +30,16 @@ RENAMED_ARGS = {
     "torch_dtype": "precision follows fp16 / bf16",
 }
 RESERVED_ARGS = {"report_to": "trace: (none / wandb / swanlab)"}
+# The TrainingArguments / trl config defaults every stage starts from (each stage adds or overrides a few; any of them
+# can be set in the YAML's training_args).
+RUN_DEFAULTS: dict[str, Any] = {
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 3,
+    "include_num_input_tokens_seen": "non_padding",  # tokens/s counts real tokens, not padding
+    "lr_scheduler_type": "cosine",
+}
 TRAINING_ARGUMENTS = "transformers.training_args:TrainingArguments"
 _SCALARS = {"int": int, "float": float, "bool": bool}
 

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from self_model.core.backend_args import RUN_DEFAULTS
 from self_model.core.errors import UserError
 from self_model.core.lineage import model_config, start_of
 
@@ -21,7 +22,6 @@ SIZE_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradi
 # Families whose shipped (remote) attention builds its own mask from padding only: packed samples would attend to
 # each other. Their own code, not transformers', runs with trust_remote_code.
 REMOTE_ATTENTION_FAMILIES = ("chatglm", "baichuan")
-DEFAULT_SAVE_TOTAL_LIMIT = 3  # core/run.py RUN_DEFAULTS["save_total_limit"]; kept in step by tests/test_reliability
 GB = 1024**3
 
 
@@ -146,7 +146,7 @@ def disk_problems(cfg: Any, args: dict[str, Any], config: dict[str, Any] | None)
     peft = getattr(cfg, "peft", None)
     if params is None or (peft is not None and peft.enabled) or not args.get("output_dir"):
         return []
-    keep = args.get("save_total_limit", DEFAULT_SAVE_TOTAL_LIMIT)
+    keep = args.get("save_total_limit", RUN_DEFAULTS["save_total_limit"])
     saves = 0 if args.get("save_strategy") == "no" else keep
     if not isinstance(saves, int) or saves < 0:
         return []  # null: every checkpoint is kept, which no estimate can bound

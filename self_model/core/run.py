@@ -37,16 +37,6 @@ from self_model.core.run_record import MODEL_CARD, draw_curves, model_card, reco
 logger = logging.getLogger("self_model")
 
 FINAL_DIR = "final"
-# The TrainingArguments / trl config defaults every stage starts from (each stage adds or overrides a few; any of them
-# can be set in the YAML's training_args).
-RUN_DEFAULTS: dict[str, Any] = {
-    "logging_steps": 10,
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 3,
-    "include_num_input_tokens_seen": "non_padding",  # tokens/s counts real tokens, not padding
-    "lr_scheduler_type": "cosine",
-}
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",
              "wandb", "swanlab", "verl")
 
@@ -215,12 +205,13 @@ def save_final(trainer: Any, tokenizer: Any, template: Any, cfg: Any,
                                              encoding="utf-8")
         for name, payload in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
-        shutil.copy(out / "run_info.json", tmp / "run_info.json") if (out / "run_info.json").exists() else None
+        info_file = out / "run_info.json"
+        info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.exists() else {}
+        if info:
+            shutil.copy(info_file, tmp / "run_info.json")
         history = trainer.state.log_history  # with what the stage's finish() evaluated after training
         write_metrics(out, history)
         draw_curves(out, history)
-        info_file = out / "run_info.json"
-        info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.exists() else {}
         (tmp / MODEL_CARD).write_text(model_card(cfg, tmp, final, history, extra_files or {}, info), encoding="utf-8")
         tmp.rename(final)
     if trainer.accelerator.num_processes > 1:
@@ -241,10 +232,6 @@ def save_generation_config(model: Any, tokenizer: Any, template: Any, folder: Pa
     gen.pad_token_id = tokenizer.pad_token_id
     gen.bos_token_id = tokenizer.bos_token_id
     gen.save_pretrained(str(folder))
-
-
-def logged_losses(trainer: Any) -> list[float]:
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 DIVERGENCE_HINT = ("Usual causes: a learning rate too high for this model (training_args.learning_rate; also "
@@ -375,12 +362,9 @@ def train_and_save(trainer: Any, cfg: Any, resume: str | None, tokenizer: Any, t
     guard.install()
     try:
         trainer.train(resume_from_checkpoint=resume)
-        stopped = _stop_message(guard, Path(trainer.args.output_dir), hint)
+        stopped = _stop_message(guard, Path(trainer.args.output_dir), hint)  # every logged loss went past the guard
         if stopped is not None:
             raise stopped
-        losses = logged_losses(trainer)
-        if losses and not all(math.isfinite(x) for x in losses):
-            raise UserError(f"training diverged (loss {losses[-1]}); no final/ was written. {hint}")
         results = finish(trainer) if finish else {}
         return save_final(trainer, tokenizer, template, cfg, results), results
     finally:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from self_model.core.attention import use_varlen_attention
+from self_model.core.backend_args import RUN_DEFAULTS
 from self_model.core.errors import UserError
 from self_model.core.lineage import start_of
 from self_model.core.modeling import (
@@ -20,7 +21,7 @@ from self_model.core.modeling import (
     start_training,
     weights_dtype,
 )
-from self_model.core.run import RUN_DEFAULTS, MetricsMixin, build_training_args
+from self_model.core.run import MetricsMixin, build_training_args
 from self_model.core.stage_config import StageConfig
 from self_model.core.tracking import setup_tracking
 from self_model.fine_tuning.config import FinetuneConfig

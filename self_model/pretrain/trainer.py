@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from self_model.core.backend_args import RUN_DEFAULTS
 from self_model.core.errors import ConfigError, UserError
 from self_model.core.lineage import start_of
 from self_model.core.modeling import (
@@ -27,7 +28,7 @@ from self_model.core.modeling import (
     start_training,
     weights_dtype,
 )
-from self_model.core.run import RUN_DEFAULTS, MetricsMixin, build_training_args
+from self_model.core.run import MetricsMixin, build_training_args
 from self_model.core.stage_config import PeftConfig
 from self_model.core.tracking import setup_tracking
 from self_model.core.vocab_file import extension_rows

@@ -16,6 +16,9 @@ import yaml
 from self_model.core.conversations import FORMATS, detect_format
 from self_model.core.corpus import resolve_corpus
 from self_model.core.errors import UserError
+from self_model.core.preferences import FORMATS as PREFERENCE_FORMATS
+from self_model.core.preferences import detect_preference_format
+from self_model.core.prompt_rows import convert_row
 from self_model.core.rows import RowError, iter_rows
 
 logger = logging.getLogger("self_model")
@@ -81,18 +84,28 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def row_messages(row: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """A conversation from an SFT row (any registered format), a preference pair (prompt + chosen) or a GRPO prompt
-    (question + answer); None for anything else."""
-    try:
-        return FORMATS[detect_format(row)].convert(row)
-    except (RowError, KeyError, TypeError, ValueError):
-        pass
-    prompt, reply = row.get("prompt", row.get("question")), row.get("chosen", row.get("answer"))
-    if prompt is None or reply is None:
-        return None
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
-    replies = reply if isinstance(reply, list) else [{"role": "assistant", "content": str(reply)}]
-    return [m for m in [*messages, *replies] if isinstance(m, dict) and "role" in m]
+    """The conversation of a row, read by the trainers' own converters: an SFT row (any registered format), a
+    preference pair (prompt + chosen) or a GRPO prompt (prompt + reference answer); None for anything else."""
+    for convert in (_conversation, _preference_pair, _prompt_and_answer):
+        try:
+            return convert(row)
+        except (RowError, KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def _conversation(row: dict[str, Any]) -> list[dict[str, Any]]:
+    return FORMATS[detect_format(row)].convert(row)
+
+
+def _preference_pair(row: dict[str, Any]) -> list[dict[str, Any]]:
+    prompt, chosen, _ = PREFERENCE_FORMATS[detect_preference_format(row)].convert(row)
+    return [*prompt, chosen]
+
+
+def _prompt_and_answer(row: dict[str, Any]) -> list[dict[str, Any]]:
+    prompt, answer = convert_row(row, None)
+    return [*prompt, {"role": "assistant", "content": answer}]
 
 
 def render_row(row: Any, tokenizer: Any, text_fields: list[str]) -> str:

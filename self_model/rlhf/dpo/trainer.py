@@ -16,10 +16,11 @@ import logging
 import os
 from typing import Any
 
+from self_model.core.backend_args import RUN_DEFAULTS
 from self_model.core.errors import ConfigError
 from self_model.core.lineage import start_of
 from self_model.core.modeling import count_parameters, weights_dtype
-from self_model.core.run import RUN_DEFAULTS, MetricsMixin, build_training_args
+from self_model.core.run import MetricsMixin, build_training_args
 from self_model.core.tracking import setup_tracking
 from self_model.rlhf import policy as rlhf_model
 from self_model.rlhf.config import DPOStageConfig

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+from self_model.core.backend_args import RUN_DEFAULTS
 from self_model.core.errors import ConfigError, UserError
 from self_model.core.lineage import start_of
 from self_model.core.modeling import weights_dtype
-from self_model.core.run import RUN_DEFAULTS, MetricsMixin, build_training_args
+from self_model.core.run import MetricsMixin, build_training_args
 from self_model.core.tracking import setup_tracking
 from self_model.rlhf import policy as rlhf_model
 from self_model.rlhf.config import RLStageConfig
