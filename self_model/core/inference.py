@@ -101,7 +101,8 @@ def load_inference_tokenizer(folder: ModelFolder, template: Any = None, trust_re
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{folder.path}: cannot load its tokenizer: {exc}") from None
+        raise UserError(f"{folder.path}: cannot load its tokenizer: {exc}\nGive a run's final/, an export or a model "
+                        "folder that holds its tokenizer files.") from None
     if template is not None:
         if tokenizer.chat_template:
             logger.warning("template_path replaces the chat template saved in %s", folder.path)
@@ -156,7 +157,9 @@ def load_inference_model(folder: ModelFolder, dtype: str = "auto", trust_remote_
         else:
             model = AutoModelForCausalLM.from_pretrained(folder.path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{folder.path}: cannot load the model: {exc}") from None
+        raise UserError(f"{folder.path}: cannot load the model: {exc}\nGive a run's final/, an export or a model "
+                        "folder (config.json + weights); set trust_remote_code: true for models that ship their own "
+                        "code.") from None
     return model.eval()
 
 

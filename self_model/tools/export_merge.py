@@ -124,7 +124,9 @@ def load_source(cfg: ExportConfig, source: Source, dtype: torch.dtype) -> Any:
         model = AutoModelForCausalLM.from_pretrained(source.start.model, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the base model {source.start.model}: {str(exc)[:400]}") from None
+        raise UserError(f"cannot load the base model {source.start.model}: {str(exc)[:400]}\nPoint "
+                        "model_name_or_path (or adapter_name_or_path, with the base in model_name_or_path) at a "
+                        "folder that holds it.") from None
     refuse_quantized(source, {"quantization_config": getattr(model.config, "quantization_config", None)})
     earlier = source.start.merged[:-1] if source.adapter else source.start.merged
     for adapter in earlier:
