@@ -273,14 +273,14 @@ def test_readme_ppo_command_writes_the_verl_job_here(sft_adapter: Path, tiny_mod
     assert (out / "data" / "train.parquet").is_file() and not (out / "final").exists()
 
 
-def test_guide_top_level_reward_model_is_used_as_ppo_reward(make: Any, tiny_model_dir: Path) -> None:
+def test_guide_top_level_reward_model_is_used_as_ppo_reward(make: Any) -> None:
     """The original guide writes reward_model_name_or_path at the top level of rlhf.yaml."""
-    cfg = make({"reward_model_name_or_path": str(tiny_model_dir), "ppo.reward.functions": "[]",
+    cfg = make({"reward_model_name_or_path": "org/guide-rm", "ppo.reward.functions": "[]",
                 "ppo.reward.weights": "null"})
-    assert cfg.ppo.reward.reward_model_name_or_path == str(tiny_model_dir)
+    assert cfg.ppo.reward.reward_model_name_or_path == "org/guide-rm"
     assert "ppo.reward: name at least one reward" in problems(make, {"ppo.reward.functions": "[]",
                                                                      "ppo.reward.weights": "null"})
-    text = problems(make, {"reward_model_name_or_path": str(tiny_model_dir),
+    text = problems(make, {"reward_model_name_or_path": "org/guide-rm",
                            "ppo.reward.reward_model_name_or_path": "org/other-rm"})
     assert "name different models; keep one" in text
 

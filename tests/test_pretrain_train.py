@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from self_model.core.errors import UserError
+
 train_pretrain = pytest.importorskip("self_model.pretrain.train_pretrain", reason="entry script importable")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +89,11 @@ def test_lora_with_vocabulary_growth(pretrain_config: Any, tiny_model_dir: Path,
     cfg = pretrain_config({"tokenizer_name_or_path": str(tmp_path / "grown_tok"), "data.train_file": str(corpus),
                            "data.eval_file": "null", "data.block_size": "32", "peft.enabled": "true",
                            "peft.target_modules": "[q_proj, v_proj]", "training_args.learning_rate": "1.0e-2"})
+    pissa = pretrain_config({"tokenizer_name_or_path": str(tmp_path / "grown_tok"), "data.train_file": str(corpus),
+                             "data.eval_file": "null", "data.block_size": "32", "peft.enabled": "true",
+                             "peft.init_lora_weights": "pissa", "training_args.output_dir": str(tmp_path / "pissa")})
+    with pytest.raises(UserError, match="pissa with a grown vocabulary"):  # its conversion would drop the new rows
+        train_pretrain.main(pissa)
     with caplog.at_level(logging.INFO, logger="self_model"):
         final = train_pretrain.main(cfg)
     log = caplog.text

@@ -256,7 +256,9 @@ def test_a_missing_shared_checkout_fails_under_ci(monkeypatch: pytest.MonkeyPatc
 # ---- every shipped YAML ----------------------------------------------------------------------------------
 SHIPPED_DIR = ROOT / "config" / "self_model_config"
 DRY_RUN_HERE = ["export.yaml", "finetune.yaml", "inference.yaml", "pretrain.yaml", "rlhf.yaml"]
-DRY_RUN_ELSEWHERE = {"eval.yaml": "tests/test_evaluate.py"}  # evaluation's own test loads and dry-runs it
+DRY_RUN_ELSEWHERE = {  # their own tests load and dry-run them
+    "eval.yaml": "tests/test_evaluate.py", "reward.yaml": "tests/test_reward_model.py",
+    "preference.yaml": "tests/test_preference_losses.py", "pipeline.yaml": "tests/test_pipeline.py"}
 
 
 def test_every_shipped_yaml_loads_and_dry_runs(sft_config: Any, pretrain_config: Any, tiny_model_dir: Path,
@@ -379,14 +381,12 @@ def test_a_preempted_distributed_run_saves_one_checkpoint_and_says_how_to_resume
     assert "training_args.resume_from_checkpoint=auto" in result.stderr
 
 
-def test_preflight_refuses_qlora_with_zero3_or_fsdp(sft_config: Any) -> None:
-    """4-bit weights partitioned by ZeRO-3 / FSDP need a float quant storage this toolkit does not set."""
-    zero3 = "config/self_model_config/deepspeed/ds_zero3.json"
-    text = _refused(sft_config, {"peft.qlora": "true", "training_args.deepspeed": zero3})
-    assert f"peft.qlora with training_args.deepspeed ({zero3}: ZeRO-3)" in text and "ds_zero2.json" in text
+def test_preflight_refuses_qlora_with_fsdp(sft_config: Any) -> None:
+    """FSDP shards packed 4-bit weights only with a float quant storage this toolkit does not set; ZeRO-3 works."""
     text = _refused(sft_config, {"peft.qlora": "true", "training_args.fsdp": "full_shard"})
-    assert "peft.qlora with training_args.fsdp" in text
-    # ZeRO-2 (the optimizer state only) and LoRA with ZeRO-3 stay allowed.
+    assert "peft.qlora with training_args.fsdp" in text and "use DeepSpeed ZeRO-3 for QLoRA" in text
+    zero3 = "config/self_model_config/deepspeed/ds_zero3.json"
+    sft_config({"peft.qlora": "true", "training_args.deepspeed": zero3})  # QLoRA + ZeRO-3: test_distributed.py
     sft_config({"peft.qlora": "true", "training_args.deepspeed": "config/self_model_config/deepspeed/ds_zero2.json"})
     sft_config({"training_args.deepspeed": zero3})
 

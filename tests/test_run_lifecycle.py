@@ -18,7 +18,8 @@ from self_model.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_SCRIPTS = ["self_model/fine_tuning/train_finetune.py", "self_model/pretrain/train_pretrain.py",
-                    "self_model/rlhf/train_dpo.py", "self_model/rlhf/train_grpo.py"]
+                    "self_model/rlhf/train_dpo.py", "self_model/rlhf/train_grpo.py",
+                    "self_model/rlhf/train_reward.py", "self_model/rlhf/train_preference.py"]
 
 
 @dataclass
@@ -31,7 +32,9 @@ class FakeTrainer:
     state.log_history."""
 
     def __init__(self, output_dir: Path, losses: list[float], fail: bool = False):
-        self.args = SimpleNamespace(output_dir=str(output_dir), fp16=False)
+        self.args = SimpleNamespace(output_dir=str(output_dir), fp16=False, world_size=1,
+                                    per_device_train_batch_size=2, gradient_accumulation_steps=4)
+        self.train_dataset = None  # the effective-batch line then says tokens were not measured
         self.state = SimpleNamespace(log_history=[], global_step=0)
         self.losses, self.fail, self.resumed_from = losses, fail, "not called"
         self.callbacks: list[Any] = []

@@ -102,8 +102,9 @@ def test_bad_tool_rows_name_file_and_line(row: dict[str, Any], message: str, tmp
 @pytest.mark.parametrize("mask_history", [False, True])
 def test_mask_history_through_the_dataset(tiny_tokenizer: Any, tmp_path: Path, mask_history: bool) -> None:
     template = get_template("qwen2_chatml")
-    data = SFTDataConfig(train_file="", mask_history=mask_history)
-    dataset, report = build_sft_dataset(write(tmp_path / "a.jsonl", ALPACA), tiny_tokenizer, template, data)
+    path = write(tmp_path / "a.jsonl", ALPACA)
+    data = SFTDataConfig(train_file=path, mask_history=mask_history)
+    dataset, report = build_sft_dataset(path, tiny_tokenizer, template, data)
     marked = render_marked(tiny_tokenizer, dataset[0]["input_ids"], dataset[0]["labels"])
     expected = ["避免熬夜。<|im_end|>"] if mask_history else ["多休息。<|im_end|>", "持续头痛请就医。<|im_end|>",
                                                           "避免熬夜。<|im_end|>"]

@@ -167,14 +167,23 @@ register_format(DataFormat("alpaca", lambda r: "output" in r and ("instruction" 
                            '{"instruction": "...", "input": "...", "output": "..."}'))
 
 
+# Where KTO rows go (the command is named in the refusal; core only names it, it imports no stage).
+KTO_COMMAND = ("uv run python self_model/rlhf/train_preference.py --config config/self_model_config/preference.yaml "
+               "loss=kto")
+
+
 def refuse_kto_row(row: dict[str, Any], stage: str) -> None:
     """A KTO row (one reply marked desirable or not: `label` / LLaMA-Factory's `kto_tag`) is not an SFT sample nor
     a preference pair: SFT would learn the undesirable replies too. Refused, never trained silently."""
     for key in ("label", "kto_tag"):
         if isinstance(row.get(key), bool):
+            if stage == "SFT":
+                fix = f"for SFT, keep only rows with '{key}': true and remove the key"
+            else:
+                fix = f"{stage} needs a chosen and a rejected reply per row"
             raise RowError(f"this is a KTO row ('{key}': {str(row[key]).lower()} marks its reply desirable or not); "
-                           f"{stage} would train it as if every reply were good. KTO data needs a KTO trainer; for "
-                           f"{stage}, keep only rows with '{key}': true and remove the key")
+                           f"{stage} would train it as if every reply were good. Train KTO on such rows: "
+                           f"{KTO_COMMAND}; {fix}")
 
 
 def detect_format(row: dict[str, Any]) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +14,7 @@ import torch
 
 from self_model.core.errors import UserError
 from self_model.core.lineage import Start, start_of
-from self_model.core.stage_config import PeftConfig, StageConfig
+from self_model.core.stage_config import PeftConfig, StageConfig, mutates_base, wrapped_init_problem
 
 logger = logging.getLogger("self_model")
 
@@ -104,7 +108,9 @@ def init_deepspeed_comm(args: Any) -> None:
     """Call before loading a model under DeepSpeed. ZeRO-3 partitions the weights while they load
     (`deepspeed.zero.Init`), which needs DeepSpeed's own process group: accelerate starts it on GPUs, but for CPU
     processes it starts only torch's (gloo), and ZeRO-3 would then count one process and fail its batch check."""
-    if not getattr(args, "deepspeed", None) or args.world_size <= 1:  # world_size starts torch.distributed
+    # deepspeed_plugin: `accelerate launch` with a DeepSpeed config (no training_args.deepspeed); world_size starts
+    # torch.distributed
+    if not (getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None)) or args.world_size <= 1:
         return
     import deepspeed
     import torch.distributed as dist
@@ -178,6 +184,12 @@ def attach_adapter(model: Any, adapter: str, trainable: bool) -> Any:
     from peft import PeftModel
 
     fit_vocab_to_adapter(model, adapter)
+    config = Path(adapter) / "adapter_config.json"
+    init = json.loads(config.read_text(encoding="utf-8")).get("init_lora_weights") if config.is_file() else None
+    if isinstance(init, str) and mutates_base(init):
+        raise UserError(f"{adapter} is a {init} adapter as trained: it belongs on its run's residual base, not on "
+                        f"{getattr(model, 'name_or_path', 'the base')}. Use the run's final/ (converted for the "
+                        "original base when it was saved); a checkpoint-N/ only resumes its own run.")
     try:
         return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -215,8 +227,10 @@ def upcast_trainable(model: Any) -> Any:
 
 def warn_if_shape_differs(peft: PeftConfig, loaded: Any, adapter: str) -> None:
     """peft.lora_* / target_modules do not apply to a continued adapter: say so when they ask for something else."""
-    ours = {"lora_r": peft.lora_r, "lora_alpha": peft.lora_alpha, "target_modules": peft.target_modules}
-    theirs = {"lora_r": loaded.r, "lora_alpha": loaded.lora_alpha, "target_modules": loaded.target_modules}
+    ours = {"lora_r": peft.lora_r, "lora_alpha": peft.lora_alpha, "target_modules": peft.target_modules,
+            "use_dora": peft.use_dora, "use_rslora": peft.use_rslora}
+    theirs = {"lora_r": loaded.r, "lora_alpha": loaded.lora_alpha, "target_modules": loaded.target_modules,
+              "use_dora": loaded.use_dora, "use_rslora": loaded.use_rslora}
     differ = [k for k in ours if (sorted(ours[k]) if isinstance(ours[k], list) else ours[k]) !=
               (sorted(theirs[k]) if isinstance(theirs[k], (list, set)) else theirs[k])]
     if differ:
@@ -227,7 +241,7 @@ def warn_if_shape_differs(peft: PeftConfig, loaded: Any, adapter: str) -> None:
 
 def check_vocab(model: Any, tokenizer: Any) -> None:
     """A tokenizer with more tokens than the model has embedding rows would index out of range."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model.get_input_embeddings().num_embeddings  # weight.shape is 0 rows under ZeRO-3 (partitioned)
     if len(tokenizer) > rows:
         raise UserError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows: they do not "
@@ -261,7 +275,51 @@ def apply_peft(model: Any, peft: PeftConfig, gradient_checkpointing: bool = Fals
     check_target_modules(model, peft)
     if peft.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return get_peft_model(model, lora_config(model, peft, task_type))
+    config = lora_config(model, peft, task_type, own_init=True)
+    base_path = getattr(model, "name_or_path", "")
+    fast_svd = peft.init_lora_weights.startswith("pissa_niter")
+    with torch.random.fork_rng(devices=[], enabled=fast_svd):
+        if fast_svd:  # its random projection, seeded: a resumed run rebuilds the same residual base
+            torch.manual_seed(0)
+        model = get_peft_model(model, config)
+    if peft.init_lora_weights == "loftq":
+        loftq_start(model, base_path)
+    if mutates_base(peft.init_lora_weights):
+        keep_initial_adapter(model)
+    return model
+
+
+def loftq_start(model: Any, base_path: str) -> None:
+    """LoftQ on the 4-bit base: A and B chosen so that Q(W) + BA is closest to the original W, read from the base's
+    safetensors (peft's replace_lora_weights_loftq; 4-bit only)."""
+    from peft import replace_lora_weights_loftq
+
+    try:
+        replace_lora_weights_loftq(model, model_path=base_path if Path(base_path).is_dir() else None)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise UserError(f"peft.init_lora_weights: loftq reads the base's full-precision weights from its "
+                        f"model.safetensors, which failed for {base_path}: {exc}") from None
+
+
+def keep_initial_adapter(model: Any) -> None:
+    """PiSSA / OLoRA: save the adapter as initialised (B0, A0), so `adapter_for_original_base` can convert the trained
+    one at the end. Saved with init_lora_weights true: loading it back must not decompose the residual again."""
+    config = model.peft_config["default"]
+    folder = Path(tempfile.mkdtemp(prefix="self_model_")) / "initial_adapter"
+    init, config.init_lora_weights = config.init_lora_weights, True
+    model.save_pretrained(str(folder))
+    config.init_lora_weights = init
+    model.initial_adapter_dir = str(folder)
+    weakref.finalize(model, shutil.rmtree, str(folder.parent), True)
+
+
+def adapter_for_original_base(model: Any, folder: Path) -> None:
+    """PiSSA / OLoRA train on a residual base (W - B0 A0): re-save `folder`'s adapter as the plain LoRA of rank 2r,
+    [B | -B0] [A ; A0], that gives the trained model on the ORIGINAL base, so merge, export, inference and the next
+    stage load it onto the base they know (peft's path_initial_model_for_weight_conversion). Others: nothing to do."""
+    initial = getattr(model, "initial_adapter_dir", None)
+    if initial:
+        model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=initial)
 
 
 def check_target_modules(model: Any, peft: PeftConfig) -> None:
@@ -273,10 +331,13 @@ def check_target_modules(model: Any, peft: PeftConfig) -> None:
                             f"available: {available} (or use all-linear)")
 
 
-def lora_config(model: Any, peft: PeftConfig, task_type: str | None = "CAUSAL_LM") -> Any:
+def lora_config(model: Any, peft: PeftConfig, task_type: str | None = "CAUSAL_LM", own_init: bool = False) -> Any:
     """The peft `LoraConfig` for the `peft:` section (for trainers that wrap the model themselves, like trl's)."""
     from peft import LoraConfig
 
+    init = peft.init_lora_weights
+    if not own_init and (problem := wrapped_init_problem(peft)):
+        raise UserError(problem)
     extra: dict[str, Any] = {}
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     embedding = module_name(model, model.get_input_embeddings()).rsplit(".", 1)[-1]
@@ -284,7 +345,8 @@ def lora_config(model: Any, peft: PeftConfig, task_type: str | None = "CAUSAL_LM
             "ensure_weight_tying" in LoraConfig.__dataclass_fields__:
         extra["ensure_weight_tying"] = True
     return LoraConfig(r=peft.lora_r, lora_alpha=peft.lora_alpha, lora_dropout=peft.lora_dropout,
-                      target_modules=peft.target_modules, task_type=task_type, **extra,
+                      target_modules=peft.target_modules, task_type=task_type, **extra, use_dora=peft.use_dora,
+                      use_rslora=peft.use_rslora, init_lora_weights=True if init in ("default", "loftq") else init,
                       modules_to_save=list(peft.modules_to_save) if peft.modules_to_save else None)
 
 
@@ -297,7 +359,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 leaves 0 elements on each process
         if param.__class__.__name__ == "Params4bit":
             n *= 2
         total += n

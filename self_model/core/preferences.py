@@ -162,8 +162,10 @@ def check_pair(prompt: list[Message], chosen: Message, check: Callable[[list[Mes
 
 def load_preference_pairs(paths: str | list[str], fmt: str = "auto",
                           check: Callable[[list[Message], Any], str | None] | None = None,
-                          drop_identical: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+                          drop_identical: bool = False, stage: str = "DPO") -> tuple[list[dict[str, Any]], list[str]]:
     """Read, convert and validate every row; return the pairs and the locations of identical pairs dropped.
+
+    `stage` names the trainer in the refusal of KTO rows (DPO, ORPO, SimPO, the reward model).
 
     Bad rows raise one DataError listing the first problems with file:line. Identical chosen and rejected
     replies are an error too (counted, first locations shown) unless `drop_identical`.
@@ -174,7 +176,7 @@ def load_preference_pairs(paths: str | list[str], fmt: str = "auto",
     one_format = OneFormatPerFile()
 
     def convert(row: dict[str, Any], loc: str, path: Path) -> dict[str, Any] | None:
-        refuse_kto_row(row, "DPO")
+        refuse_kto_row(row, stage)
         name = detect_preference_format(row) if fmt == "auto" else fmt
         one_format.check(path, name, loc)
         prompt, chosen, rejected = FORMATS[name].convert(row)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,31 +31,46 @@ def config_problems(cfg: Any) -> list[str]:
     data = getattr(cfg, "data", None)
     config = start_config(cfg)
     return (position_problems(data, config) + packing_problems(cfg, data, config)
-            + bf16_problems(args) + sharded_qlora_problems(cfg, args) + disk_problems(cfg, args, config))
+            + bf16_problems(args) + sharding_problems(cfg, args) + disk_problems(cfg, args, config))
 
 
-def sharded_qlora_problems(cfg: Any, args: dict[str, Any]) -> list[str]:
-    """QLoRA with ZeRO-3 or FSDP: the weights are partitioned across processes, which bitsandbytes' packed 4-bit
-    tensors only allow with a float `bnb_4bit_quant_storage` matching the sharding dtype, and this toolkit loads them
-    with the default uint8 storage. Refused with what works instead."""
-    peft = getattr(cfg, "peft", None)
-    if not (peft and peft.qlora):
-        return []
-    sharded = []
-    ds = args.get("deepspeed")
-    if isinstance(ds, str) and Path(ds).is_file():
+def deepspeed_zero(args: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | None:
+    """(key, file, zero_optimization) of training_args.deepspeed or an `accelerate launch` DeepSpeed config
+    (its JSON, or its inline keys, handed to the processes as ACCELERATE_DEEPSPEED_* variables)."""
+    path = args.get("deepspeed") or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    where = "training_args.deepspeed" if args.get("deepspeed") else "the accelerate DeepSpeed config"
+    if isinstance(path, str) and Path(path).is_file():
         try:
-            stage = json.loads(Path(ds).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage")
+            return where, path, json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization") or {}
         except (OSError, json.JSONDecodeError):
-            stage = None
-        if stage == 3:
-            sharded.append(f"training_args.deepspeed ({ds}: ZeRO-3)")
-    if args.get("fsdp") or args.get("fsdp_config"):
-        sharded.append("training_args.fsdp")
-    return [f"peft.qlora with {what}: the 4-bit weights would be partitioned across processes, which needs a float "
-            "bnb_4bit_quant_storage this toolkit does not set; use ZeRO-2 (config/self_model_config/deepspeed/"
-            "ds_zero2.json) or plain DDP (torchrun) for QLoRA, or LoRA (peft.qlora: false) with ZeRO-3 / FSDP"
-            for what in sharded]
+            return None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not path:
+        save = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false").lower() == "true"
+        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+        return where, "inline", {"stage": stage, "stage3_gather_16bit_weights_on_model_save": save}
+    return None
+
+
+def sharding_problems(cfg: Any, args: dict[str, Any]) -> list[str]:
+    """ZeRO-3 and FSDP partition the weights across processes. final/ must load with plain transformers / peft: ZeRO-3
+    gathers it only with stage3_gather_16bit_weights_on_model_save (else the Trainer writes a DeepSpeed checkpoint
+    there); FSDP is gathered by core.run.save_final. QLoRA with ZeRO-3 trains as with DDP (same losses, every weight
+    partitioned: tests/test_distributed.py); with FSDP it is refused: FSDP shards packed 4-bit weights only with a
+    float `bnb_4bit_quant_storage`, which this toolkit does not set, and FSDP cannot be tested without GPUs."""
+    zero, problems = deepspeed_zero(args), []
+    if zero and zero[2].get("stage") == 3 and zero[2].get("stage3_gather_16bit_weights_on_model_save") is not True:
+        problems.append(f"{zero[0]} ({zero[1]}): ZeRO-3 without stage3_gather_16bit_weights_on_model_save: true "
+                        "would leave final/ as a DeepSpeed checkpoint that transformers cannot load; set it to true "
+                        "in zero_optimization (accelerate config: zero3_save_16bit_model: true)")
+    fsdp = ("training_args.fsdp" if args.get("fsdp") or args.get("fsdp_config") else
+            "the accelerate FSDP config" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else None)
+    peft = getattr(cfg, "peft", None)
+    if fsdp and peft and peft.qlora:
+        problems.append(f"peft.qlora with {fsdp}: FSDP shards bitsandbytes' packed 4-bit weights only with a float "
+                        "bnb_4bit_quant_storage, which this toolkit does not set; use DeepSpeed ZeRO-3 for QLoRA "
+                        "(config/accelerate/zero3.yaml or --deepspeed config/self_model_config/deepspeed/"
+                        "ds_zero3.json), or LoRA (peft.qlora: false) with FSDP")
+    return problems
 
 
 def size_problems(args: dict[str, Any]) -> list[str]:

@@ -73,12 +73,26 @@ def json_array_rows(path: Path) -> list[tuple[str, Any]]:
             for i, (line, element) in enumerate(found, 1)]
 
 
+# A data set's column names -> its format's keys, by file, while core.dataset_mix reads a registry entry with
+# `columns:` (the converters then see the keys they know; rows keep their file:line).
+RENAMED_COLUMNS: dict[Path, dict[str, str]] = {}
+
+
 def iter_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
     """Yield (location, row or RowError) for a .jsonl file (one object a line, blank lines skipped) or a .json
     array; both located as `file:line`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
+    columns = RENAMED_COLUMNS.get(path.resolve())
+    for loc, row in _file_rows(path):
+        if columns and isinstance(row, dict):
+            row = {**{k: v for k, v in row.items() if k not in columns.values()},
+                   **{key: row[col] for key, col in columns.items() if col in row}}
+        yield loc, row
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
     if path.suffix == ".json":
         for loc, row in json_array_rows(path):
             yield loc, row if isinstance(row, dict) else RowError("row is not a JSON object")

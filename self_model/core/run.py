@@ -31,7 +31,7 @@ import yaml
 from self_model.core.attention import restore_sdpa
 from self_model.core.config import ConfigError, redact, to_plain
 from self_model.core.errors import UserError
-from self_model.core.modeling import pick_precision
+from self_model.core.modeling import init_deepspeed_comm, pick_precision
 from self_model.core.run_record import MODEL_CARD, draw_curves, model_card, record_callback, write_metrics
 
 logger = logging.getLogger("self_model")
@@ -50,9 +50,20 @@ def build_training_args(training_args: dict[str, Any], args_cls: type, defaults:
     pick_precision(values)
     values["report_to"] = report_to or []
     try:
-        return args_cls(**values)
+        args = args_cls(**values)
     except (ValueError, TypeError) as exc:
         raise ConfigError([f"training_args: {args_cls.__name__} rejected the values: {exc}"]) from None
+    check_sharding(args)
+    init_deepspeed_comm(args)  # here, before any stage loads weights (ZeRO-3 partitions them while loading)
+    # Every stage builds its arguments before loading weights: seeding here makes LoRA init, value/score heads and
+    # resized embedding rows the same on every run (the Trainer's own set_seed comes after they are drawn).
+    from transformers import enable_full_determinism, set_seed
+
+    if getattr(args, "full_determinism", False):
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+    return args
 
 
 def is_main_process() -> bool:
@@ -193,8 +204,12 @@ def save_final(trainer: Any, tokenizer: Any, template: Any, cfg: Any,
         shutil.rmtree(tmp)
     trainer.model.config.use_cache = True  # turned off for training; generation wants it back
     restore_sdpa(trainer.model)
+    full_state_dict_for_fsdp(trainer)
     trainer.save_model(str(tmp))  # every rank takes part (DeepSpeed ZeRO-3 gathers); only rank 0 writes
     if trainer.is_world_process_zero():
+        from self_model.core.modeling import adapter_for_original_base
+
+        adapter_for_original_base(trainer.model, tmp)  # PiSSA / OLoRA: an adapter for the original base (issue 18)
         if template is not None:  # continued pretraining trains plain text: no template
             template.apply_to_tokenizer(tokenizer)
             template.save_source(tmp)
@@ -217,6 +232,57 @@ def save_final(trainer: Any, tokenizer: Any, template: Any, cfg: Any,
     if trainer.accelerator.num_processes > 1:
         trainer.accelerator.wait_for_everyone()
     return final
+
+
+def full_state_dict_for_fsdp(trainer: Any) -> None:
+    """FSDP checkpoints may stay sharded (fast, resumable on as many processes); final/ must load with plain
+    transformers / peft, and the Trainer writes no weights at all with a sharded state dict: gather them for it.
+    (ZeRO-3 gathers through stage3_gather_16bit_weights_on_model_save, which preflight requires.)"""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+
+
+def weights_partitioned(trainer: Any) -> bool:
+    """Whether each process holds only part of the weights (FSDP, ZeRO-3): a forward pass on one rank alone hangs."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(getattr(trainer, "is_fsdp_enabled", False) or (plugin is not None and plugin.zero_stage == 3))
+
+
+def check_sharding(args: Any) -> None:
+    """accelerate enables FSDP only on GPU-type processes: on CPU ones it drops the plugin and trains unsharded, and on
+    one process transformers refuses with a traceback. Say so before any weights are loaded."""
+    if not (getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"):
+        return
+    from accelerate.utils import DistributedType
+
+    world = args.world_size  # sets up the processes' distributed state
+    kind = args.distributed_state.distributed_type if args.distributed_state else DistributedType.NO
+    if world < 2 or kind in (DistributedType.NO, DistributedType.MULTI_CPU):
+        raise ConfigError([f"FSDP was asked for (training_args.fsdp or an accelerate FSDP config), but accelerate "
+                           f"runs these {world} process(es) as {kind.value}, where it does not shard: FSDP needs 2 or "
+                           "more GPU processes (torchrun / accelerate launch). On CPUs shard with DeepSpeed ZeRO-3 "
+                           "(config/accelerate/zero3.yaml), or drop training_args.fsdp (plain DDP)."])
+
+
+def log_effective_batch(trainer: Any, cfg: Any) -> None:
+    """The global batch whatever the launcher (torchrun, accelerate, deepspeed): processes x per-device batch x
+    accumulation, and the tokens per optimizer step (measured on the first rows; bounded by the length limit)."""
+    args, data = trainer.args, getattr(cfg, "data", None)
+    batch = args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    rows, columns = trainer.train_dataset, getattr(trainer.train_dataset, "column_names", None) or []
+    ids = [c for c in columns if c.endswith("_ids") and c not in ("position_ids", "token_type_ids")]  # DPO: 3
+    # data.max_length bounds a row of one sequence (not a DPO pair, nor GRPO's prompts: its replies are generated)
+    limit = getattr(data, "block_size", None) or (getattr(data, "max_length", None) if len(ids) == 1 else None)
+    mean = None
+    if ids and hasattr(rows, "__len__") and len(rows):
+        head = rows.select(range(min(len(rows), 1000)))
+        mean = sum(len(x) for c in ids for x in head[c]) / len(head)
+    tokens = [f"~{batch * mean:,.0f} (mean {mean:.1f} tokens per row, first {len(head)} rows)"] if mean else []
+    tokens += [f"at most {batch * limit:,} ({limit} per row)"] if isinstance(limit, int) else []
+    logger.info("effective batch: %d process(es) x %d per device x %d accumulation = %d rows per optimizer step; "
+                "tokens per step: %s", args.world_size, args.per_device_train_batch_size,
+                args.gradient_accumulation_steps, batch, ", ".join(tokens) or "not measured")
 
 
 def save_generation_config(model: Any, tokenizer: Any, template: Any, folder: Path) -> None:
@@ -355,6 +421,7 @@ def train_and_save(trainer: Any, cfg: Any, resume: str | None, tokenizer: Any, t
     """
     from self_model.core.tracking import finish_tracking
 
+    log_effective_batch(trainer, cfg)
     write_run_info(trainer.args.output_dir, cfg, run_info)
     trainer.add_callback(record_callback())  # metrics.jsonl at every log, curves.png at every save
     guard = run_guard(getattr(cfg, "divergence_patience", 1))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from self_model.core.conversations import load_conversations
+from self_model.core.dataset_mix import mix_sources, sources
 from self_model.core.errors import UserError
 from self_model.core.rows import length_stats
 from self_model.fine_tuning.config import SFTDataConfig
@@ -32,11 +33,14 @@ class TokenizeReport:
     trained_tokens: int = 0
     # The first sample of each data format, for --dry-run (not part of the summary).
     examples: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # data.datasets: rows per data set and its share of the mix (core.dataset_mix).
+    mix: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {"rows_in": self.rows, "rows_out": len(self.lengths), "truncated": self.truncated,
                 "dropped_too_long": self.dropped_too_long, "dropped_no_trainable_tokens": self.dropped_no_target,
-                "tokens": length_stats(self.lengths), "trained_tokens": self.trained_tokens}
+                "tokens": length_stats(self.lengths), "trained_tokens": self.trained_tokens,
+                **({"mix": self.mix} if self.mix else {})}
 
 
 def tokenize_conversations(samples: list[dict[str, Any]], tokenizer: Any, template: Template,
@@ -67,13 +71,12 @@ def apply_length_policy(encoded: Any, data: SFTDataConfig) -> tuple[list[dict[st
     return rows, report
 
 
-def build_sft_dataset(files: str | list[str], tokenizer: Any, template: Template,
+def build_sft_dataset(files: str | list[str] | None, tokenizer: Any, template: Template,
                       data: SFTDataConfig, limit: int | None = None) -> tuple[Any, TokenizeReport]:
     """Load, validate and tokenize; large files are tokenized in parallel with datasets.map."""
     from datasets import Dataset
 
-    check = template.check_roles
-    samples = load_conversations(files, data.format, check=check)
+    samples, mix = read_conversations(files, data, template.check_roles)
     if limit:
         samples = samples[:limit]
     num_proc = data.num_proc if data.num_proc is not None else (min(os.cpu_count() or 1, 8) if len(samples) > 20000
@@ -96,7 +99,18 @@ def build_sft_dataset(files: str | list[str], tokenizer: Any, template: Template
         raise UserError(f"no trainable samples left in {files}: {report.summary()}")
     for sample in samples:
         report.examples.setdefault(sample.get("format", "?"), sample)
+    report.mix = mix
     return Dataset.from_list(rows), report
+
+
+def read_conversations(files: str | list[str] | None, data: SFTDataConfig, check: Any
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of `files`, or the mix of `data.datasets` (each read in its registry format); and the mix plan."""
+    if files:
+        return load_conversations(files, data.format, check=check), []
+    return mix_sources(sources(data.datasets or [], data.dataset_registry),
+                       lambda src: load_conversations(src.files, src.entry.format if src.entry.format != "auto"
+                                                      else data.format, check=check), data.mix, data.mix_seed)
 
 
 class PaddingCollator:

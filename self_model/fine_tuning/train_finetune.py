@@ -15,7 +15,7 @@ from self_model.core.cli import run_main
 from self_model.core.conversations import first_prompt
 from self_model.core.inference import chat
 from self_model.core.modeling import load_tokenizer
-from self_model.core.run import is_main_process, prepare_output_dir, train_and_save
+from self_model.core.run import is_main_process, prepare_output_dir, train_and_save, weights_partitioned
 from self_model.fine_tuning.config import FinetuneConfig
 from self_model.fine_tuning.data import build_sft_dataset
 from self_model.fine_tuning.trainer import build_sft_trainer, load_model_for_training, print_plan, sft_training_args
@@ -41,8 +41,12 @@ def main(cfg: FinetuneConfig, dry_run: bool = False) -> Path | None:
     trainer = build_sft_trainer(cfg, model, tokenizer, args, train, eval_)
     final, _ = train_and_save(trainer, cfg, resume, tokenizer, template, {"train_data": report.summary()},
                               finish=lambda _: {"data_report.json": report.summary()})
-    if is_main_process():
-        prompt = first_prompt(cfg.data.eval_file or cfg.data.train_file)
+    if is_main_process() and weights_partitioned(trainer):  # a forward pass on rank 0 alone would hang
+        print(f"\nfine-tuned model saved to {final}\n(try it: python self_model/tools/chat.py --model {final})")
+    elif is_main_process():
+        files = cfg.data.eval_file or cfg.data.train_file
+        sample = next(iter(report.examples.values()))["messages"]  # data.datasets: the mix's first conversation
+        prompt = first_prompt(files) if files else sample[:[m["role"] for m in sample].index("assistant")]
         answer = chat(trainer.model, tokenizer, prompt, folder=final)  # the chat CLI's code, final/'s stop ids
         print(f"\nfine-tuned model saved to {final}\n\nQ: {prompt[-1]['content']}\nA: {answer}")
     return final

@@ -10,6 +10,7 @@ import torch
 
 from self_model.core.attention import use_varlen_attention
 from self_model.core.backend_args import RUN_DEFAULTS
+from self_model.core.dataset_mix import plan_lines
 from self_model.core.errors import UserError
 from self_model.core.lineage import start_of
 from self_model.core.modeling import (
@@ -99,7 +100,7 @@ def estimate_trainable(cfg: StageConfig) -> tuple[int, int]:
         elif cfg.peft.enabled:
             from dataclasses import replace
 
-            model = apply_peft(model, replace(cfg.peft, qlora=False))
+            model = apply_peft(model, replace(cfg.peft, qlora=False, init_lora_weights="default"))  # counts only
     return count_parameters(model)
 
 
@@ -112,6 +113,9 @@ def print_plan(cfg: FinetuneConfig, targs: Any, tokenizer: Any, template: Templa
     accum = args.get("gradient_accumulation_steps", 1)
     trainable, total = estimate_trainable(cfg)
     mode = "QLoRA" if cfg.peft.qlora else ("LoRA" if cfg.peft.enabled else "full fine-tuning")
+    variants = [n for n, on in (("DoRA", cfg.peft.use_dora), ("rsLoRA", cfg.peft.use_rslora),
+                                (f"init {cfg.peft.init_lora_weights}", cfg.peft.init_lora_weights != "default")) if on]
+    mode += f" with {', '.join(variants)}" if variants else ""
     summary = report.summary()
     print("\n=== dry run: nothing is trained ===")
     print(f"model:      {start_of(cfg).describe()} ({mode}); trainable {trainable:,} of {total:,} parameters "
@@ -121,6 +125,8 @@ def print_plan(cfg: FinetuneConfig, targs: Any, tokenizer: Any, template: Templa
           f"trained tokens {summary['trained_tokens']}")
     print(f"length:     max_length {cfg.data.max_length}; truncated {summary['truncated']}, dropped too long "
           f"{summary['dropped_too_long']}, dropped with nothing to train {summary['dropped_no_trainable_tokens']}")
+    for line in plan_lines(report.mix, cfg.data.mix, cfg.data.mix_seed) if report.mix else []:
+        print(line)
     if eval_report is not None:
         print(f"eval data:  {eval_report.summary()['rows_out']} samples")
     print(f"batch:      {per_device} per device x {accum} accumulation x {world} process(es) = "

@@ -7,18 +7,24 @@ from pathlib import Path
 from typing import Literal
 
 from self_model.core.corpus import corpus_paths
-from self_model.core.stage_config import StageConfig
+from self_model.core.dataset_mix import DatasetRef, Mix
+from self_model.core.stage_config import StageConfig, check_data_source
 
 
 @dataclass
 class PretrainDataConfig:
     """`data:` for continued pretraining."""
 
-    # A file, a folder (every .txt / .jsonl inside) or a glob, or a list of them.
-    train_file: str | list[str] = field(metadata={"check": corpus_paths})
+    # A file, a folder (every .txt / .jsonl inside) or a glob, or a list of them; or `datasets:` below.
+    train_file: str | list[str] | None = field(default=None, metadata={"check": corpus_paths})
     eval_file: str | list[str] | None = field(default=None, metadata={"check": corpus_paths})
     # JSONL: the fields present in a row, joined in this order; with none, a messages / conversations record.
     text_fields: list[str] = field(default_factory=lambda: ["text"])
+    # Data sets by name (dataset_registry) with weights / caps, mixed by `mix` (README "Datasets by name and mixing").
+    datasets: list[DatasetRef] | None = None
+    mix: Mix = "concat"
+    dataset_registry: str = "config/datasets.yaml"
+    mix_seed: int = field(default=42, init=False)  # training_args.seed, set by validate()
     # Documents are joined with EOS and cut into blocks of this many tokens.
     block_size: int = 1024
     # The tokens left over after the last full block: drop them, or keep them in a padded block (reported).
@@ -35,6 +41,10 @@ class PretrainDataConfig:
             raise ValueError(f"data.block_size must be at least 8, got {self.block_size}")
         if not self.text_fields:
             raise ValueError("data.text_fields must name at least one field (e.g. [text])")
+        check_data_source(self, "data")
+        if self.streaming and self.datasets:
+            raise ValueError("data.streaming with data.datasets: a mix reads every data set first; set streaming: "
+                             "false")
 
 
 @dataclass
@@ -49,6 +59,7 @@ class PretrainConfig(StageConfig):
 
     def validate(self) -> list[str]:
         errors = []
+        self.data.mix_seed = int(self.training_args.get("seed", 42))  # the data mix follows the run's seed
         if self.template_path or self.template:
             errors.append("template / template_path: continued pretraining trains plain text; remove the key")
         if not 0.0 < self.mlm_probability < 1.0:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from self_model.core.corpus import CorpusStats, file_signature, iter_documents, read_strict, resolve_corpus
+from self_model.core.dataset_mix import Source, mix_sources, sources
 from self_model.core.errors import DataError, UserError
 from self_model.pretrain.config import PretrainConfig
 from self_model.template.chat_template import IGNORE_INDEX
@@ -96,6 +97,8 @@ def corpus_fingerprint(files: list[Path], tokenizer: Any, cfg: PretrainConfig) -
     key = {"format": CACHE_FORMAT, "files": file_signature(files), "tokenizer": tokenizer_fingerprint(tokenizer),
            "objective": cfg.objective, "block_size": cfg.data.block_size, "remainder": cfg.data.remainder,
            "text_fields": cfg.data.text_fields, "group_batch": GROUP_BATCH}
+    if cfg.data.datasets:  # a mix: which data sets, their weights and caps, the strategy and the seed
+        key["mix"] = [json.dumps(asdict(r)) for r in cfg.data.datasets] + [cfg.data.mix, str(cfg.data.mix_seed)]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:24]
 
 
@@ -144,8 +147,11 @@ def make_grouper(block_size: int, remainder: str, pad_id: int, objective: str
 
 def load_blocks(value: str | list[str], tokenizer: Any, cfg: PretrainConfig, role: str,
                 streaming: bool = False) -> tuple[Any, BlockReport]:
-    """The blocks of `data.<role>_file`: streamed, loaded from the cache, or tokenized now and cached."""
-    files = resolve_corpus(value)
+    """The blocks of `data.<role>_file` (or of the `data.datasets` mix): streamed, loaded from the cache, or tokenized
+    now and cached."""
+    mixed = not value and bool(cfg.data.datasets)
+    srcs = sources(cfg.data.datasets, cfg.data.dataset_registry) if mixed else []
+    files = [Path(f) for src in srcs for f in src.files] if mixed else resolve_corpus(value)
     if streaming:
         return stream_blocks(files, tokenizer, cfg, role)
     fingerprint = corpus_fingerprint(files, tokenizer, cfg)
@@ -157,20 +163,33 @@ def load_blocks(value: str | list[str], tokenizer: Any, cfg: PretrainConfig, rol
         report.from_cache = True
         logger.info("%s data: tokenized blocks found in %s; tokenization skipped", role, target)
         return load_from_disk(str(target)), report
-    return tokenize_and_cache(files, tokenizer, cfg, role, target)
+    return tokenize_and_cache(files, tokenizer, cfg, role, target, srcs)
+
+
+def mixed_documents(srcs: list[Source], cfg: PretrainConfig) -> tuple[list[str], list[dict[str, Any]]]:
+    """The documents of each data set (its `columns.text`, else data.text_fields), mixed (core.dataset_mix)."""
+    def read(src: Source) -> list[str]:
+        stats = CorpusStats()
+        fields = [src.entry.columns["text"]] if "text" in src.entry.columns else cfg.data.text_fields
+        texts = list(iter_documents([Path(f) for f in src.files], fields, stats))
+        stats.raise_if_bad(f"data set '{src.name}'")
+        return texts
+
+    return mix_sources(srcs, read, cfg.data.mix, cfg.data.mix_seed)
 
 
 def tokenize_and_cache(files: list[Path], tokenizer: Any, cfg: PretrainConfig, role: str,
-                       target: Path) -> tuple[Any, BlockReport]:
+                       target: Path, srcs: list[Source] | None = None) -> tuple[Any, BlockReport]:
     from datasets import Dataset, Features, Value, load_from_disk
 
     data = cfg.data
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".work", dir=target.parent))
     stats = CorpusStats()
+    texts, plan = mixed_documents(srcs, cfg) if srcs else (None, [])
     try:
         def documents() -> Any:
-            for text in iter_documents(files, data.text_fields, stats):
+            for text in texts if texts is not None else iter_documents(files, data.text_fields, stats):
                 yield {"text": text}
 
         try:
@@ -201,7 +220,8 @@ def tokenize_and_cache(files: list[Path], tokenizer: Any, cfg: PretrainConfig, r
             raise DataError([f"{where}: no {GROUP_BATCH:,} consecutive documents of the {role} corpus fill one block "
                              f"(data.block_size: {data.block_size}); lower data.block_size"])
         kept = sum(real)
-        report = BlockReport(files=[str(f) for f in files], corpus=stats.summary(), tokens=tokens,
+        summary = {**stats.summary(), "documents": len(texts), "mix": plan} if texts is not None else stats.summary()
+        report = BlockReport(files=[str(f) for f in files], corpus=summary, tokens=tokens,
                              block_size=data.block_size, blocks=len(real), remainder=data.remainder,
                              dropped_tokens=tokens - kept, padded_blocks=sum(1 for n in real if n < data.block_size),
                              padding_tokens=len(real) * data.block_size - kept, cache=str(target))

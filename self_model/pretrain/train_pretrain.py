@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from self_model.core.cli import run_main
+from self_model.core.dataset_mix import plan_lines
 from self_model.core.modeling import load_tokenizer
 from self_model.core.run import is_main_process, prepare_output_dir, train_and_save
 from self_model.pretrain.config import PretrainConfig
@@ -39,6 +40,8 @@ def main(cfg: PretrainConfig, dry_run: bool = False) -> Path | None:
                               if cfg.data.eval_file else (None, None))
     if dry_run:
         print_plan(cfg, args, report, eval_report)
+        if report.corpus.get("mix"):  # data.datasets: rows per data set, its share of the mix
+            print("\n".join(plan_lines(report.corpus["mix"], cfg.data.mix, cfg.data.mix_seed)))
         return None
 
     model = load_pretrain_model(cfg, tokenizer, args)

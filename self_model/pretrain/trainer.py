@@ -29,7 +29,7 @@ from self_model.core.modeling import (
     weights_dtype,
 )
 from self_model.core.run import MetricsMixin, build_training_args
-from self_model.core.stage_config import PeftConfig
+from self_model.core.stage_config import PeftConfig, mutates_base
 from self_model.core.tracking import setup_tracking
 from self_model.core.vocab_file import extension_rows
 from self_model.pretrain.config import PretrainConfig
@@ -102,7 +102,7 @@ def load_masked_lm(cfg: PretrainConfig, dtype: torch.dtype, model_path: str | No
 def match_vocabulary(model: Any, tokenizer: Any, peft: PeftConfig) -> PeftConfig:
     """Grow the embeddings to an extended tokenizer (new rows = the mean of the old ones); with LoRA, train the
     grown embeddings in full (`modules_to_save`). Returns the LoRA settings to use."""
-    rows, tokens = model.get_input_embeddings().weight.shape[0], len(tokenizer)
+    rows, tokens = model.get_input_embeddings().num_embeddings, len(tokenizer)  # not weight.shape: 0 under ZeRO-3
     if tokens < rows and not (rows % 64 == 0 and tokens >= 0.95 * rows):
         raise UserError(f"the model has {rows} embedding rows but the tokenizer only {tokens} tokens: they do not "
                         "belong together (a model's rows exceed its tokenizer only by padding to a multiple of 64). "
@@ -123,6 +123,10 @@ def match_vocabulary(model: Any, tokenizer: Any, peft: PeftConfig) -> PeftConfig
                        "(initialised from the mean of their sub-tokens)", len(extended))
     if not peft.enabled:
         return peft
+    if mutates_base(peft.init_lora_weights):
+        raise UserError(f"peft.init_lora_weights: {peft.init_lora_weights} with a grown vocabulary: the new rows are "
+                        "trained in full (modules_to_save), which peft's conversion back to the original base drops. "
+                        "Use init_lora_weights: default for this continued pretraining (or peft.enabled: false)")
     names = [module_name(model, m).rsplit(".", 1)[-1] for m in (model.get_input_embeddings(),
                                                                  model.get_output_embeddings()) if m is not None]
     save = list(dict.fromkeys([*(peft.modules_to_save or []), *(n for n in names if n)]))

@@ -11,12 +11,23 @@ script says at start which sections it does not read (they belong to the other s
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from self_model.core.config import existing_files
-from self_model.core.stage_config import ChatDataConfig, StageConfig, adapter_folder, local_or_hub
+from self_model.core.dataset_mix import DatasetRef, Mix
+from self_model.core.lineage import is_adapter, result_folder
+from self_model.core.stage_config import (
+    ChatDataConfig,
+    StageConfig,
+    adapter_folder,
+    check_data_source,
+    local_or_hub,
+    wrapped_init_problem,
+)
 from self_model.rlhf.ppo_grpo.checks import grpo_args_problems, override_problems, reward_specs
 
 logger = logging.getLogger("self_model")
@@ -29,6 +40,36 @@ def sft_adapter(value: str, path: str) -> list[str]:
         return [f"{path}: no such folder: {value}. It is the final/ folder of a LoRA SFT run; make one with: uv run "
                 "python self_model/fine_tuning/train_finetune.py --config config/self_model_config/finetune.yaml"]
     return problems
+
+
+TRAIN_REWARD = "uv run python self_model/rlhf/train_reward.py --config config/self_model_config/reward.yaml"
+
+
+def reward_model_folder(value: str, path: str) -> list[str]:
+    """Field check: a sequence-classification model with one score (a train_reward.py result, its run folder, or a
+    hub id). A causal LM folder would load too, with a new random score head: every reply scored by noise."""
+    problems = local_or_hub(value, path)
+    folder = Path(result_folder(value))
+    if problems or not folder.is_dir():
+        return problems
+    fix = f"train a reward model with: {TRAIN_REWARD}, and name its final/ (or its run folder) here"
+    if is_adapter(folder):
+        task = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+        return [f"{path}: {value} is a LoRA adapter (task_type {task}), not a reward model with full weights; "
+                f"train_reward.py saves a LoRA reward model merged into full weights; {fix}"]
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return [f"{path}: {folder} holds no config.json, so it is no model; {fix}"]
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        return [f"{path}: {value} is not a sequence-classification reward model: its config.json names "
+                f"{architectures or 'no architecture'} (a language model, e.g. an SFT or DPO result), which would be "
+                f"scored by a new, random head; {fix}"]
+    labels = len(config.get("id2label") or {}) or 2  # transformers leaves id2label out for its default, 2 labels
+    if labels != 1:
+        return [f"{path}: {value} is a classifier with {labels} labels; a reward model gives one score ({fix})"]
+    return []
 
 
 @dataclass
@@ -44,7 +85,7 @@ class AlignmentConfig(StageConfig):
     # A LoRA SFT result to start from; the reference is then the SFT model, never the raw base.
     adapter_name_or_path: str | None = field(default=None, metadata={"check": sft_adapter})
     # The original guide's top-level spelling of ppo.reward.reward_model_name_or_path (PPO / GRPO use it as that).
-    reward_model_name_or_path: str | None = field(default=None, metadata={"check": local_or_hub})
+    reward_model_name_or_path: str | None = field(default=None, metadata={"check": reward_model_folder})
 
 
 # ---- DPO: data:, beta, loss_type, training_args ------------------------------------------------------------------
@@ -112,8 +153,9 @@ class RewardSection:
     functions: list[str] = field(default_factory=list, metadata={"check": reward_specs})
     # One weight per function (default 1.0 each); the reward is the weighted sum.
     weights: list[float] | None = None
-    # A sequence-classification model scoring prompt + reply (one logit): a local folder or a hub id.
-    reward_model_name_or_path: str | None = field(default=None, metadata={"check": local_or_hub})
+    # A sequence-classification model scoring prompt + reply (one logit): a train_reward.py result (its final/ or
+    # run folder) or a hub id. Its tokenizer's chat_template renders prompt + reply (train_reward.py saves ours).
+    reward_model_name_or_path: str | None = field(default=None, metadata={"check": reward_model_folder})
     # trl: the reward model's weight in the sum.
     reward_model_weight: float = 1.0
 
@@ -139,6 +181,12 @@ class RLSection:
     # Required by train_ppo.py / train_grpo.py (DPO accepts an empty ppo: section).
     train_file: str | list[str] | None = field(default=None, metadata={"check": existing_files})
     eval_file: str | list[str] | None = field(default=None, metadata={"check": existing_files})
+    # Or data sets by name (dataset_registry) with weights / caps, mixed by `mix`, seeded from trl_args.seed
+    # (README "Datasets by name and mixing").
+    datasets: list[DatasetRef] | None = None
+    mix: Mix = "concat"
+    dataset_registry: str = "config/datasets.yaml"
+    mix_seed: int = field(default=42, init=False)
     # A system turn put in front of every prompt (e.g. asking for <think>...</think><answer>...</answer>).
     system_prompt: str | None = None
     # Prompt tokens (chat template included) and generated tokens per reply.
@@ -194,6 +242,7 @@ class RLSection:
                                                                ("critic_lr", self.critic_lr)) if v <= 0]
         if self.kl_loss_coef < 0:
             bad.append(f"kl_loss_coef must be 0 or more, got {self.kl_loss_coef}")
+        check_data_source(self, "ppo")  # train_file or datasets (PPO / GRPO need one: checks.ppo_problems)
         if bad:
             raise ValueError("; ".join(bad))
 
@@ -216,7 +265,7 @@ class DPOStageConfig(AlignmentConfig):
     not_read: ClassVar[tuple[str, ...]] = ("ppo", "reward_model_name_or_path")
 
     def validate(self) -> list[str]:
-        errors = self.validate_paths()
+        errors = self.validate_paths() + [p for p in [wrapped_init_problem(self.peft)] if p]
         if self.beta <= 0:
             errors.append(f"beta: expected a positive number, got {self.beta}")
         return errors
@@ -258,7 +307,8 @@ class RLStageConfig(AlignmentConfig):
     def validate(self) -> list[str]:
         from self_model.rlhf.ppo_grpo.checks import ppo_problems
 
-        return self.validate_paths() + ppo_problems(self, self.algorithm)
+        return (self.validate_paths() + [p for p in [wrapped_init_problem(self.peft)] if p]
+                + ppo_problems(self, self.algorithm))
 
 
 @dataclass

@@ -15,6 +15,7 @@ import yaml
 
 from self_model.core.conversations import FORMATS, detect_format
 from self_model.core.corpus import resolve_corpus
+from self_model.core.dataset_mix import DatasetRef, sources
 from self_model.core.errors import UserError
 from self_model.core.preferences import FORMATS as PREFERENCE_FORMATS
 from self_model.core.preferences import detect_preference_format
@@ -57,7 +58,8 @@ def run_data(run_config: dict[str, Any], stage: str | None = None) -> RunData:
     found = RunData(text_fields=list(data.get("text_fields") or ["text"]),
                     plain_text="objective" in run_config or "block_size" in data)
     first, second = (ppo, data) if stage in ("grpo", "ppo") else (data, ppo)
-    found.train = _files(first.get("train_file")) or _files(second.get("train_file"))
+    found.train = (_files(first.get("train_file")) or _named_files(first) or _files(second.get("train_file"))
+                   or _named_files(second))
     found.eval = _files(first.get("eval_file")) or _files(second.get("eval_file"))
     if found.plain_text:  # a corpus entry may be a folder or a glob
         found.train, found.eval = [str(p) for p in resolve_corpus(found.train)], [str(p) for p in
@@ -69,6 +71,20 @@ def run_data(run_config: dict[str, Any], stage: str | None = None) -> RunData:
                            "check.data_file / quantize.eval_file)", name, missing)
             setattr(found, name, [f for f in getattr(found, name) if Path(f).exists()])
     return found
+
+
+def _named_files(section: dict[str, Any]) -> list[str]:
+    """The local files of a section's `datasets:` (names of its registry, core.dataset_mix); hub data sets are not
+    fetched for an export's check prompts."""
+    if not section.get("datasets"):
+        return []
+    registry = section.get("dataset_registry") or "config/datasets.yaml"
+    try:
+        named = sources([DatasetRef(**ref) for ref in section["datasets"]], registry)
+    except (UserError, OSError, TypeError, KeyError) as exc:  # the registry moved or changed since the run
+        logger.warning("the run's data sets could not be resolved from %s: %s", registry, exc)
+        return []
+    return [f for src in named if not src.entry.hub for f in src.files]
 
 
 def _strings(value: Any) -> Iterator[str]:

@@ -21,8 +21,14 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+# The files the embedded tokenizer was trained on. A fixed list, not a glob: sample files added later (KTO rows, the
+# pipeline's demo data) must not change the tokenizer the tests build from the one shipped in checkpoints/tiny_qwen2.
+TOKENIZER_CORPUS = ("dpo_eval.jsonl", "dpo_train.jsonl", "grpo_eval.jsonl", "grpo_train.jsonl", "pretrain.txt",
+                    "pretrain_eval.txt", "sft_alpaca.jsonl", "sft_eval.jsonl", "sft_messages.jsonl", "sft_train.jsonl")
+
+
 def corpus_texts(sample_dir: Path = SAMPLE_DIR) -> list[str]:
-    """Every string in the shipped sample data (plain text lines and all JSON string values)."""
+    """Every string in the sample files of TOKENIZER_CORPUS (plain text lines and all JSON string values)."""
     texts: list[str] = []
 
     def walk(value: object) -> None:
@@ -35,7 +41,7 @@ def corpus_texts(sample_dir: Path = SAMPLE_DIR) -> list[str]:
             for v in value:
                 walk(v)
 
-    for path in sorted(sample_dir.glob("*")):
+    for path in (sample_dir / name for name in TOKENIZER_CORPUS if (sample_dir / name).is_file()):
         if path.suffix == ".txt":
             texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         elif path.suffix == ".jsonl":

@@ -1,6 +1,6 @@
 """Near-dedup quality and speed against datasketch, on a synthetic corpus with planted near duplicates.
 
-    uv run python tests/benchmarks/bench_near_dedup.py                     # en and zh, 20k base documents
+    uv run python tests/benchmarks/bench_near_dedup.py                     # en and zh; 2k, 5k, 20k base documents
     uv run python tests/benchmarks/bench_near_dedup.py --lang zh --docs 5000 --json bench.json
 
 The corpus: base documents drawn from a Zipf-distributed vocabulary (English-like words, or Han
@@ -10,12 +10,18 @@ at or above the threshold is a duplicate that should be removed; one below must 
 sees the same documents in the same order and removes later documents, so precision / recall / F1 are
 counted over removed documents.
 
-Systems, all with the same shingles, num_perm, threshold, and LSH bands x rows:
-  ours             data_process.dataproc (numpy MinHash in worker processes, LSH, candidate verification)
-  ours, 1 process  the same without worker processes
-  datasketch       MinHash.generator + MinHashLSH query-then-insert, one process, as its docs show
-  datasketch, 2p   the same with the MinHash step spread over the worker processes
-plus datasketch with its own bands x rows for the threshold. Not a test: nothing is asserted.
+Systems, all with the same shingles, num_perm and threshold:
+  ours                       data_process.dataproc (numpy MinHash in worker processes, our recall-tuned LSH
+                             bands, every candidate verified against the threshold by its signature)
+  ours, 1 process            the same without worker processes
+  datasketch                 as its docs show: MinHashLSH(threshold=...) choosing its own bands x rows,
+                             query-then-insert, every candidate it returns removed; one process
+  datasketch, verified       the same, but a candidate counts only when m.jaccard(candidate) >= threshold
+  datasketch, our bands, verified   our bands x rows and the same verification: the pipeline ours runs
+  datasketch, verified, 2p   "datasketch, verified" with the MinHash step spread over the worker processes
+An earlier version handed datasketch our recall-tuned bands and removed its candidates unverified, a way it is
+not meant to be used (precision 0.70): `--unverified-our-bands` adds that row back for comparison. The speed
+columns are per corpus size, so the table shows how cost grows. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +39,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import RESULTS, ForeignLoad, machine, write_json  # noqa: E402
 
 from data_process.dataproc.clean import dedup_text  # noqa: E402
 from data_process.dataproc.dedup import exact_representatives, near_duplicates  # noqa: E402
@@ -175,11 +183,14 @@ def _ds_hashvalues(args: tuple[list[str], int, int, str]) -> np.ndarray:
                                                              num_perm=num_perm, seed=1)])
 
 
-def run_datasketch(texts: list[str], a: argparse.Namespace, unit: str, params: tuple[int, int],
-                   procs: int) -> np.ndarray:
+def run_datasketch(texts: list[str], a: argparse.Namespace, unit: str, params: tuple[int, int] | None,
+                   procs: int, verify: bool) -> np.ndarray:
+    """params None: datasketch picks bands x rows for the threshold itself. verify: a candidate counts only when
+    its estimated Jaccard (`MinHash.jaccard`) reaches the threshold, as its docs suggest for exact filtering."""
     from datasketch import LeanMinHash, MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=a.threshold, num_perm=a.num_perm, params=params)
+    kept: dict[int, Any] = {}
     removed = np.zeros(len(texts), dtype=bool)
     if procs == 1:
         sketches = MinHash.generator((_ds_shingles(t, a.ngram, unit) for t in texts), num_perm=a.num_perm, seed=1)
@@ -189,10 +200,15 @@ def run_datasketch(texts: list[str], a: argparse.Namespace, unit: str, params: t
             values = np.concatenate(pool.map(_ds_hashvalues, chunks))
         sketches = (LeanMinHash(seed=1, hashvalues=v, scheme="affine32") for v in values)
     for i, m in enumerate(sketches):
-        if lsh.query(m):
+        candidates = lsh.query(m)
+        if verify:
+            candidates = [c for c in candidates if m.jaccard(kept[c]) >= a.threshold]
+        if candidates:
             removed[i] = True
         else:
             lsh.insert(i, m)
+            if verify:
+                kept[i] = m
     return removed
 
 
@@ -232,8 +248,8 @@ def bench_pipeline(texts: list[str], a: argparse.Namespace) -> dict[str, Any]:
     return {"docs_per_s": round(len(texts) / seconds), "seconds": round(seconds, 2)}
 
 
-def bench_lang(lang: str, a: argparse.Namespace) -> dict[str, Any]:
-    corpus, gen_s = timed(make_corpus, lang, a.docs, a.planted, a.ngram, a.seed)
+def bench_lang(lang: str, docs: int, a: argparse.Namespace) -> dict[str, Any]:
+    corpus, gen_s = timed(make_corpus, lang, docs, a.planted, a.ngram, a.seed)
     texts, pairs = corpus["texts"], corpus["pairs"]
     unit = "char" if lang == "zh" else "word"
     bands, rows = candidate_bands(a.threshold, a.num_perm)
@@ -243,19 +259,31 @@ def bench_lang(lang: str, a: argparse.Namespace) -> dict[str, Any]:
     systems = [("ours", lambda: run_ours(texts, a, bands, rows)),
                ("ours, 1 process", lambda: run_ours(texts, argparse.Namespace(**{**vars(a), "num_proc": 1}),
                                                     bands, rows)),
-               ("datasketch", lambda: run_datasketch(texts, a, unit, (bands, rows), 1)),
-               (f"datasketch, {a.num_proc}p", lambda: run_datasketch(texts, a, unit, (bands, rows), a.num_proc)),
-               (f"datasketch, own {ds_default[0]}x{ds_default[1]}",
-                lambda: run_datasketch(texts, a, unit, ds_default, 1))]
-    best = {name: float("inf") for name, _ in systems}
+               (f"datasketch (own {ds_default[0]}x{ds_default[1]})",
+                lambda: run_datasketch(texts, a, unit, None, 1, verify=False)),
+               ("datasketch, verified", lambda: run_datasketch(texts, a, unit, None, 1, verify=True)),
+               ("datasketch, our bands, verified",
+                lambda: run_datasketch(texts, a, unit, (bands, rows), 1, verify=True)),
+               (f"datasketch, verified, {a.num_proc}p",
+                lambda: run_datasketch(texts, a, unit, None, a.num_proc, verify=True))]
+    if a.unverified_our_bands:
+        systems.append(("datasketch, our bands, unverified (misuse)",
+                        lambda: run_datasketch(texts, a, unit, (bands, rows), 1, verify=False)))
+    times: dict[str, list[float]] = {name: [] for name, _ in systems}
+    foreign: dict[str, list[float]] = {name: [] for name, _ in systems}
     removed = {}
-    for _ in range(a.repeat):  # interleaved, so a noisy neighbour slows every system alike
-        for name, fn in systems:
-            removed[name], seconds = timed(fn)
-            best[name] = min(best[name], seconds)
+    with ForeignLoad(interval=0.5) as load:
+        for _ in range(a.repeat):  # interleaved, so a noisy neighbour slows every system alike
+            for name, fn in systems:
+                t0 = time.time()
+                removed[name], seconds = timed(fn)
+                times[name].append(seconds)
+                foreign[name].append(load.window(t0, time.time())["foreign_cores"])
     results = {}
     for name, _ in systems:
-        results[name] = {"docs_per_s": round(len(texts) / best[name]), "seconds": round(best[name], 2),
+        best = min(times[name])
+        results[name] = {"docs_per_s": round(len(texts) / best), "seconds": round(best, 2),
+                         "seconds_all": [round(x, 2) for x in times[name]], "foreign_cores": foreign[name],
                          **score(removed[name], pairs, a.threshold)}
         print(f"[{lang}] {name}: {results[name]['docs_per_s']} docs/s, F1 {results[name]['f1']}", file=sys.stderr)
     return {"documents": len(texts), "planted_copies": len(pairs), "unit": unit, "bands": bands, "rows": rows,
@@ -263,13 +291,15 @@ def bench_lang(lang: str, a: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(lang: str, r: dict[str, Any]) -> str:
-    base = r["systems"]["datasketch"]["docs_per_s"]
+    base = r["systems"]["datasketch, verified"]["docs_per_s"]
     lines = [f"### {lang}: {r['documents']} documents, {r['planted_copies']} planted copies, {r['unit']} 5-grams, "
              f"bands x rows {r['bands']} x {r['rows']}", "",
-             "| system | precision | recall | F1 | docs/s | vs datasketch |", "|---|---|---|---|---|---|"]
+             "| system | precision | recall | F1 | docs/s (best) | x datasketch verified | foreign cores |",
+             "|---|---|---|---|---|---|---|"]
     for name, s in r["systems"].items():
+        busy = [x for x in s["foreign_cores"] if x is not None]
         lines.append(f"| {name} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['docs_per_s']:,} | "
-                     f"{s['docs_per_s'] / base:.1f}x |")
+                     f"{s['docs_per_s'] / base:.1f}x | {max(busy, default=0):.2f} |")
     levels = list(LEVELS)
     lines += ["", "Share of planted copies removed, by planted Jaccard level:", "",
               "| system | " + " | ".join(str(x) for x in levels) + " |", "|---|" + "---|" * len(levels)]
@@ -286,7 +316,9 @@ def table(lang: str, r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lang", choices=["en", "zh", "both"], default="both")
-    parser.add_argument("--docs", type=int, default=20_000, help="base documents per language")
+    parser.add_argument("--docs", default="2000,5000,20000", help="base documents per language: one size or several")
+    parser.add_argument("--unverified-our-bands", action="store_true",
+                        help="add datasketch with our bands and no verification (how the old table misused it)")
     parser.add_argument("--planted", type=float, default=0.2, help="share of base documents given an edited copy")
     parser.add_argument("--num_perm", type=int, default=128)
     parser.add_argument("--ngram", type=int, default=5)
@@ -294,24 +326,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num_proc", type=int, default=2, help="worker processes (and cores to pin to)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per system; the fastest is reported")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="where to write the results (default tests/benchmarks/results/)")
     a = parser.parse_args(argv)
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > a.num_proc:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: a.num_proc])  # "on N cores" means N cores
     import datasketch
 
-    out = {"machine": {"cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                       "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                       "numpy": np.__version__, "datasketch": datasketch.__version__},
+    out = {"machine": {**machine(), "cores_used": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                       else os.cpu_count(), "numpy": np.__version__, "datasketch": datasketch.__version__},
            "params": {k: v for k, v in vars(a).items() if k != "json"}}
+    sizes = [int(x) for x in str(a.docs).split(",") if x.strip()]
     for lang in (["en", "zh"] if a.lang == "both" else [a.lang]):
-        load_before = os.getloadavg()[0]
-        out[lang] = bench_lang(lang, a)
-        # Other processes on the machine skew every number (and the 2-process ones most): say how busy it was.
-        out[lang]["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        print(table(lang, out[lang]))
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        for docs in sizes:
+            load_before = os.getloadavg()[0]
+            key = f"{lang}_{docs}"
+            out[key] = bench_lang(lang, docs, a)
+            # Other processes on the machine skew every number (the 2-process ones most): say how busy it was.
+            out[key]["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            print(table(lang, out[key]), flush=True)
+    path = write_json(Path(a.json) if a.json else RESULTS / f"near_dedup_{time.strftime('%Y%m%d_%H%M')}.json", out)
+    print(f"JSON: {path}")
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from self_model.core.dataset_mix import mix_sources, sources
 from self_model.core.errors import DataError, UserError
 from self_model.core.preferences import load_preference_pairs
 from self_model.core.rows import MAX_SHOWN, RowError, length_stats
@@ -92,13 +93,32 @@ def apply_length_policy(encoded: list[tuple[list[int], ...]], data: DPODataConfi
     return rows
 
 
-def build_preference_dataset(files: str | list[str], tokenizer: Any, template: Template,
-                             data: DPODataConfig, limit: int | None = None) -> tuple[Any, PreferenceReport]:
-    """Load, validate and tokenize preference pairs into a dataset of prompt_ids / chosen_ids / rejected_ids."""
+def read_pairs(files: str | list[str] | None, data: DPODataConfig, check: Any,
+               stage: str = "DPO") -> tuple[list[dict[str, Any]], list[str]]:
+    """The pairs of `files`, or the mix of `data.datasets` (each in its registry format; core.dataset_mix logs the
+    plan); and the identical pairs dropped."""
+    if files:
+        return load_preference_pairs(files, data.format, check, data.drop_identical, stage)
+    identical: list[str] = []
+
+    def read(src: Any) -> list[dict[str, Any]]:
+        fmt = src.entry.format if src.entry.format != "auto" else data.format
+        pairs, same = load_preference_pairs(src.files, fmt, check, data.drop_identical, stage)
+        identical.extend(same)
+        return pairs
+
+    pairs, _ = mix_sources(sources(data.datasets or [], data.dataset_registry), read, data.mix, data.mix_seed)
+    return pairs, identical
+
+
+def build_preference_dataset(files: str | list[str] | None, tokenizer: Any, template: Template,
+                             data: DPODataConfig, limit: int | None = None,
+                             stage: str = "DPO") -> tuple[Any, PreferenceReport]:
+    """Load, validate and tokenize preference pairs into a dataset of prompt_ids / chosen_ids / rejected_ids.
+    `stage` names the trainer in refusals (the reward model, ORPO and SimPO read pairs here too)."""
     from datasets import Dataset
 
-    check = template.check_roles
-    pairs, identical = load_preference_pairs(files, data.format, check, data.drop_identical)
+    pairs, identical = read_pairs(files, data, template.check_roles, stage)
     if limit:
         pairs = pairs[:limit]
     report = PreferenceReport(rows=len(pairs) + len(identical), identical_dropped=len(identical),

@@ -145,7 +145,7 @@ def ppo_problems(cfg: Any, algorithm: str) -> list[str]:
     """Every problem of the config for `algorithm` (ppo / grpo) on its backend, at once."""
     ppo = cfg.ppo
     errors = []
-    if not ppo.train_file:
+    if not ppo.train_file and not ppo.datasets:
         errors.append("ppo.train_file: required key is missing (prompts with a reference answer, e.g. "
                       "data_process/sample_data/grpo_train.jsonl)")
     if algorithm == "grpo" and ppo.rollout_n < 2:

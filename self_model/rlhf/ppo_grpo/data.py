@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from self_model.core.dataset_mix import mix_sources, sources
 from self_model.core.errors import DataError, UserError
 from self_model.core.prompt_rows import Message, load_prompts
 from self_model.core.rows import MAX_SHOWN, length_stats
@@ -39,8 +40,11 @@ def prompt_length(tokenizer: Any, template: Template, messages: list[Message]) -
 
 def build_prompts(files: str | list[str], tokenizer: Any, template: Template, ppo: Any,
                   limit: int | None = None) -> tuple[list[dict[str, Any]], PromptReport]:
-    """Load, validate and measure the prompts; apply `prompt_truncation` to those over `max_prompt_length`."""
-    rows = load_prompts(files, ppo.system_prompt)
+    """Load, validate and measure the prompts (of `files`, or the mix of `ppo.datasets`: core.dataset_mix logs the
+    plan); apply `prompt_truncation` to those over `max_prompt_length`."""
+    rows = load_prompts(files, ppo.system_prompt) if files else mix_sources(
+        sources(ppo.datasets or [], ppo.dataset_registry), lambda src: load_prompts(src.files, ppo.system_prompt),
+        ppo.mix, ppo.mix_seed)[0]
     if limit:
         rows = rows[:limit]
     report = PromptReport(rows=len(rows), max_prompt_length=ppo.max_prompt_length, policy=ppo.prompt_truncation)
@@ -70,7 +74,8 @@ def build_prompts(files: str | list[str], tokenizer: Any, template: Template, pp
 def check_enough_prompts(rows: list[dict[str, Any]], ppo: Any) -> None:
     """A step takes train_batch_size prompts: with fewer, an epoch would have no step at all."""
     if len(rows) < ppo.train_batch_size:
-        raise UserError(f"ppo.train_batch_size is {ppo.train_batch_size} prompts per step, but {ppo.train_file} has "
+        data = ppo.train_file or [d.name for d in ppo.datasets or []]
+        raise UserError(f"ppo.train_batch_size is {ppo.train_batch_size} prompts per step, but {data} has "
                         f"{len(rows)} usable prompts: an epoch would have no step. Add prompts or lower "
                         "train_batch_size (and ppo_mini_batch_size with it).")
 

@@ -19,7 +19,7 @@ import torch
 
 from self_model.core.backend_args import RUN_DEFAULTS
 from self_model.core.errors import ConfigError, UserError
-from self_model.core.lineage import start_of
+from self_model.core.lineage import result_folder, start_of
 from self_model.core.modeling import weights_dtype
 from self_model.core.run import MetricsMixin, build_training_args
 from self_model.core.tracking import setup_tracking
@@ -76,7 +76,7 @@ def load_reward_model(cfg: RLStageConfig, tokenizer: Any) -> tuple[Any, Any]:
     """The reward model (sequence classification, one score) and its tokenizer, for trl to score prompt + reply."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = cfg.ppo.reward.reward_model_name_or_path
+    path = result_folder(cfg.ppo.reward.reward_model_name_or_path)  # a train_reward.py run folder: its final/
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
                                                                    trust_remote_code=cfg.trust_remote_code)

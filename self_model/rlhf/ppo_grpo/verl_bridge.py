@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from self_model.core.errors import ConfigError, UserError
-from self_model.core.lineage import Start, start_of
+from self_model.core.lineage import Start, result_folder, start_of
 from self_model.rlhf.config import RLStageConfig, log_unread_sections
 from self_model.rlhf.ppo_grpo import rewards
 from self_model.rlhf.ppo_grpo.checks import kl_enabled
@@ -162,8 +162,10 @@ def verl_overrides(cfg: RLStageConfig, run_dir: Path, tokenizer_dir: str, has_ev
 def _reward_overrides(cfg: RLStageConfig) -> dict[str, Any]:
     reward = cfg.ppo.reward
     if reward.reward_model_name_or_path and not reward.functions:
+        # A train_reward.py run folder means its final/ (full weights; its tokenizer carries the chat template).
         return {"reward.reward_model.enable": True, "reward.reward_model.model_path":
-                _local(reward.reward_model_name_or_path), "reward.reward_model.rollout.name": cfg.ppo.rollout_backend}
+                _local(result_folder(reward.reward_model_name_or_path)),
+                "reward.reward_model.rollout.name": cfg.ppo.rollout_backend}
     # verl loads this module by path and calls compute_score(..., **reward_kwargs): the weighted sum of the rewards.
     return {"reward.custom_reward_function.path": str(Path(rewards.__file__).resolve()),
             "reward.custom_reward_function.name": "compute_score",
