@@ -119,6 +119,22 @@ def test_dpo_and_grpo_accept_datasets(tiny_model_dir: Path, tmp_path: Path, capl
     assert "grpo_eval_sample: 8 rows read" in caplog.text and "(seed " in caplog.text
 
 
+def test_kto_mixes_its_rows_and_split_pairs_by_name(tiny_model_dir: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """KTO takes data sets by name too: unpaired rows and preference pairs (each split in two) in one mix."""
+    from test_preference_losses import preference_config
+
+    from self_model.rlhf import train_preference
+
+    cfg = preference_config(tiny_model_dir, tmp_path / "kto", overrides={
+        "data.train_file": "null", "data.eval_file": "null",
+        "data.datasets": "[{name: kto_sample, max_samples: 10}, {name: dpo_sample}]"})
+    with caplog.at_level("INFO", logger="self_model"):
+        train_preference.main(cfg, dry_run=True)
+    assert "kto_sample: 80 rows read, capped at 10 -> 10 in the mix" in caplog.text
+    assert "dpo_sample: 80 rows read" in caplog.text  # 40 pairs, each a desirable and an undesirable row
+
+
 def test_the_shipped_registry_names_existing_files() -> None:
     entries = read_registry(str(REGISTRY))
     assert {"sft_sample", "dpo_sample", "grpo_sample", "pretrain_sample"} <= set(entries)

@@ -39,7 +39,7 @@ from self_model.template.resolve import Template, resolve_template
 logger = logging.getLogger("self_model")
 
 
-def build_data(cfg: PreferenceStageConfig, files: str | list[str], tokenizer: Any, template: Template,
+def build_data(cfg: PreferenceStageConfig, files: str | list[str] | None, tokenizer: Any, template: Template,
                limit: int | None = None) -> tuple[Any, Any]:
     """KTO: rows marked desirable or not (pairs split); ORPO / SimPO: pairs, read as DPO reads them."""
     if cfg.loss == "kto":

@@ -67,9 +67,6 @@ class PreferenceStageConfig(StageConfig):
         errors = self.validate_paths() + [p for p in [wrapped_init_problem(self.peft)] if p]
         if self.beta <= 0:
             errors.append(f"beta: expected a positive number, got {self.beta}")
-        if self.loss == "kto" and self.data.datasets:
-            errors.append("data.datasets: KTO reads its rows from data.train_file (files); data sets by name feed the "
-                          "pair losses (orpo, simpo)")
         if self.loss not in LOSS_CONFIGS:
             return errors  # reported by the field check
         args = self.training_args

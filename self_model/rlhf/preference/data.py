@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from self_model.core.conversations import detect_format, get_format, row_tools, validate_conversation
+from self_model.core.dataset_mix import mix_sources, sources
 from self_model.core.errors import DataError, UserError
 from self_model.core.preferences import FORMATS as PAIR_FORMATS
 from self_model.core.preferences import check_pair, detect_preference_format
@@ -110,12 +111,17 @@ class KTOReport:
                 "prompt_plus_reply_tokens": length_stats(self.lengths)}
 
 
-def build_kto_dataset(files: str | list[str], tokenizer: Any, template: Template, data: DPODataConfig,
+def build_kto_dataset(files: str | list[str] | None, tokenizer: Any, template: Template, data: DPODataConfig,
                       limit: int | None = None) -> tuple[Any, KTOReport]:
-    """KTO rows tokenized into prompt_ids / completion_ids / label, with DPO's length policy (counted)."""
+    """KTO rows (of `files`, or the mix of `data.datasets`: core.dataset_mix logs the plan) tokenized into
+    prompt_ids / completion_ids / label, with DPO's length policy (counted)."""
     from datasets import Dataset
 
-    examples = load_kto_rows(files, template.check_roles)
+    if files:
+        examples = load_kto_rows(files, template.check_roles)
+    else:  # each data set gives its rows (a pair: two), mixed row by row
+        examples, _ = mix_sources(sources(data.datasets or [], data.dataset_registry),
+                                  lambda src: load_kto_rows(src.files, template.check_roles), data.mix, data.mix_seed)
     if limit:
         examples = examples[:limit]
     report = KTOReport(rows=len(examples), truncation=data.truncation, max_length=data.max_length,
