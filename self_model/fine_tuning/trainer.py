@@ -17,7 +17,6 @@ from self_model.core.modeling import (
     apply_peft,
     check_vocab,
     count_parameters,
-    init_deepspeed_comm,
     load_start_model,
     start_training,
     weights_dtype,
@@ -51,7 +50,6 @@ def sft_training_args(cfg: FinetuneConfig) -> Any:
 def load_model_for_training(cfg: StageConfig, tokenizer: Any, args: Any) -> Any:
     """The starting weights (a base or a previous run's result, core.lineage) with `peft:` or the continued adapter."""
     dtype = weights_dtype(args, cfg.peft)
-    init_deepspeed_comm(args)
     model, start = load_start_model(cfg, dtype)
     if args.gradient_checkpointing and not cfg.peft.qlora:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

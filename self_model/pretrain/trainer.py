@@ -20,7 +20,6 @@ from self_model.core.lineage import start_of
 from self_model.core.modeling import (
     count_parameters,
     fit_vocab_to_adapter,
-    init_deepspeed_comm,
     load_causal_lm,
     load_start_model,
     module_name,
@@ -137,7 +136,6 @@ def match_vocabulary(model: Any, tokenizer: Any, peft: PeftConfig) -> PeftConfig
 
 def load_pretrain_model(cfg: PretrainConfig, tokenizer: Any, args: Any) -> Any:
     dtype = weights_dtype(args, cfg.peft)
-    init_deepspeed_comm(args)
     # The start: a base, or a previous run's result (core.lineage); a merged adapter is already in the weights.
     model, start = load_start_model(cfg, dtype, loader=load_causal_lm if cfg.objective == "clm" else load_masked_lm)
     if start.adapter:  # a continued adapter brings its own (possibly grown) embedding rows
