@@ -12,7 +12,13 @@ import torch
 from self_model.core.conversations import load_conversations
 from self_model.core.errors import DataError, UserError
 from self_model.fine_tuning.config import SFTDataConfig
-from self_model.fine_tuning.data import build_sft_dataset, make_collator, render_marked, tokenize_conversations
+from self_model.fine_tuning.data import (
+    build_sft_dataset,
+    keep_trained_hidden_states,
+    make_collator,
+    render_marked,
+    tokenize_conversations,
+)
 from self_model.template.chat_template import IGNORE_INDEX, get_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,30 +197,48 @@ def test_parallel_tokenization_matches_serial(tiny_tokenizer: Any) -> None:
     assert serial_report.summary() == parallel_report.summary() and serial_report.truncated > 0
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("packing", [False, True])
 def test_trained_logits_only_gives_the_same_loss_and_gradients(tiny_model_dir: Path, tiny_tokenizer: Any,
-                                                               packing: bool) -> None:
-    """Computing the LM head only at trained positions changes the cost, not the loss or its gradient."""
+                                                               packing: bool, lora: bool) -> None:
+    """Computing the LM head only at trained positions changes the cost, not the loss or its gradient; and the
+    head really sees only the trained positions (a padded batch included, where whole columns would be ~4x)."""
     from transformers import AutoModelForCausalLM
+
+    from self_model.core.modeling import apply_peft
+    from self_model.core.stage_config import PeftConfig
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.config.use_cache = False
+    if lora:
+        lora_config = PeftConfig(enabled=True, lora_r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        model = apply_peft(model, lora_config)
     data = SFTDataConfig(train_file=str(SAMPLES / "sft_train.jsonl"), max_length=256)
     dataset, _ = build_sft_dataset(data.train_file, tiny_tokenizer, QWEN, data, limit=4)
     features = [dataset[i] for i in range(4)]
     full = make_collator(tiny_tokenizer, packing)(features)
+    assert keep_trained_hidden_states(model)  # what build_sft_trainer does before choosing the collator
     lean = make_collator(tiny_tokenizer, packing, trained_logits_only=True)(features)
     n_trained = int((full["labels"] != IGNORE_INDEX).sum())
-    assert lean["logits_to_keep"].numel() < full["input_ids"].shape[1]  # fewer logits computed
     assert int((lean["shift_labels"] != IGNORE_INDEX).sum()) == n_trained
+    base = model.get_base_model() if lora else model
+    head_positions: list[int] = []
+    watch = base.lm_head.register_forward_hook(lambda m, args, out: head_positions.append(out.shape[:-1].numel()))
+    query = base.model.layers[0].self_attn.q_proj
+    query_weight = query.lora_B["default"].weight if lora else query.weight
 
     def loss_and_grad(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         model.zero_grad()
         out = model(**batch, num_items_in_batch=torch.tensor(n_trained))
         out.loss.backward()
-        return out.loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        return out.loss.detach(), query_weight.grad.clone()
 
     loss_full, grad_full = loss_and_grad(full)
     loss_lean, grad_lean = loss_and_grad(lean)
+    watch.remove()
+    assert head_positions == [full["input_ids"].numel(), n_trained]
     torch.testing.assert_close(loss_lean, loss_full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_lean, grad_full, atol=1e-6, rtol=1e-4)
+    # The mask was consumed: a plain call (generation, an eval without it) computes every position again.
+    with torch.no_grad():
+        assert model(input_ids=full["input_ids"]).logits.shape[:2] == full["input_ids"].shape

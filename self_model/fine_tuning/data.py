@@ -133,14 +133,24 @@ class PaddingCollator:
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
+# The batch key that carries, for a padded batch, which (row, position) pairs have a trained next token.
+TRAINED_POSITIONS = "trained_positions"
+
+
 class TrainedLogitsOnly:
     """Wraps a collator so the model computes LM-head logits only where a label is trained.
 
     Prompt, system and padding positions never enter the loss, yet the LM head (hidden x vocabulary, the
     largest matmul of a small model and a large share of a big one) and its logits would be computed for
-    them. The batch gets `logits_to_keep` (the positions whose next token is trained, in any row) and the
-    matching `shift_labels`; transformers' causal-LM loss uses them as they are and the Trainer counts
-    `shift_labels` for its token-level loss normalization, so the loss value is unchanged.
+    them. The batch gets `shift_labels` holding only the trained positions' next tokens; transformers'
+    causal-LM loss uses them as they are and the Trainer counts them for its token-level loss normalization,
+    so the loss value is unchanged. Which hidden states reach the head:
+    - one row (packing, or a batch of one): `logits_to_keep`, the trained positions, which the model's own
+      forward selects;
+    - a padded batch: `logits_to_keep` selects whole columns, and a column trained in one row is usually
+      prompt or padding in the others (several times the trained positions at batch 8). The batch gets
+      TRAINED_POSITIONS instead, a (rows x positions) mask that `keep_trained_hidden_states` applies at the
+      head's input.
     """
 
     def __init__(self, collator: Any):
@@ -150,9 +160,14 @@ class TrainedLogitsOnly:
         batch = self.collator(features)
         labels = batch["labels"]
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-        batch["logits_to_keep"] = keep
-        batch["shift_labels"] = shifted[:, keep].contiguous()
+        trained = shifted != IGNORE_INDEX
+        if labels.shape[0] == 1:
+            keep = trained[0].nonzero().squeeze(-1)
+            batch["logits_to_keep"] = keep
+            batch["shift_labels"] = shifted[:, keep].contiguous()
+        else:
+            batch[TRAINED_POSITIONS] = trained
+            batch["shift_labels"] = shifted[trained].unsqueeze(0)
         return batch
 
 
@@ -160,7 +175,9 @@ def make_collator(tokenizer: Any, packing: bool, trained_logits_only: bool = Fal
     """Packing: transformers' DataCollatorWithFlattening concatenates the batch into one row with positions
     restarting at 0 for each sample and no attention mask; the model then builds a block-diagonal causal
     mask from the positions, so samples never attend to each other, and the first label of every sample is
-    -100, so no sample learns to predict the next one."""
+    -100, so no sample learns to predict the next one.
+
+    trained_logits_only: the model must have gone through `keep_trained_hidden_states` first."""
     if packing:
         from transformers import DataCollatorWithFlattening
 
@@ -179,6 +196,45 @@ def accepts_logits_to_keep(model: Any) -> bool:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def keep_trained_hidden_states(model: Any) -> bool:
+    """Make `model` honour TrainedLogitsOnly's batches; False (batches must then be built without it) for a
+    model whose forward is not transformers' causal-LM forward.
+
+    Two forward pre-hooks: one on the outermost module takes TRAINED_POSITIONS out of the call's keyword
+    arguments (so it never reaches attention or the loss), one on the LM head applies it to the hidden states,
+    turning (rows, positions, hidden) into (1, trained positions, hidden) so the logits line up with
+    `shift_labels`. Hooks rather than a custom compute_loss: the model is still called as one module, so
+    DDP's gradient sync, DeepSpeed ZeRO-3's parameter gathering and FSDP2's unsharding run as they always do.
+    """
+    if not accepts_logits_to_keep(model):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None:
+        return False
+    if getattr(model, "_keeps_trained_hidden_states", False):
+        return True
+    pending: dict[str, torch.Tensor] = {}
+
+    def take_mask(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        mask = kwargs.pop(TRAINED_POSITIONS, None)
+        if mask is not None:
+            pending["mask"] = mask
+        return args, kwargs
+
+    def apply_mask(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        mask = pending.pop("mask", None)
+        if mask is None:
+            return None
+        hidden = args[0]
+        return (hidden[mask.to(hidden.device)].unsqueeze(0), *args[1:])
+
+    model.register_forward_pre_hook(take_mask, with_kwargs=True)
+    head.register_forward_pre_hook(apply_mask)
+    model._keeps_trained_hidden_states = True
+    return True
 
 
 def render_marked(tokenizer: Any, ids: list[int], labels: list[int], open_mark: str = "[[",

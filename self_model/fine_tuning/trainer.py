@@ -25,7 +25,7 @@ from self_model.core.run import MetricsMixin, build_training_args
 from self_model.core.stage_config import StageConfig
 from self_model.core.tracking import setup_tracking
 from self_model.fine_tuning.config import FinetuneConfig
-from self_model.fine_tuning.data import TokenizeReport, accepts_logits_to_keep, make_collator, render_marked
+from self_model.fine_tuning.data import TokenizeReport, keep_trained_hidden_states, make_collator, render_marked
 from self_model.template.resolve import Template
 
 logger = logging.getLogger("self_model")
@@ -72,7 +72,7 @@ def build_sft_trainer(cfg: FinetuneConfig, model: Any, tokenizer: Any, args: Any
 
     args.report_to, callbacks = setup_tracking(cfg.trace, args.output_dir, args.run_name)
     return SFTRunTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_,
-                         data_collator=make_collator(tokenizer, cfg.data.packing, accepts_logits_to_keep(model)),
+                         data_collator=make_collator(tokenizer, cfg.data.packing, keep_trained_hidden_states(model)),
                          processing_class=tokenizer,
                          callbacks=callbacks)
 

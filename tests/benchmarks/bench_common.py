@@ -226,10 +226,11 @@ def make_probe_callback(profile: bool = False, count_tokens: bool = True) -> Any
             self.state: Any = None
             self.model: Any = None
             self.profiler = None
-            if profile:
-                import cProfile
+            if profile:  # torch's op-level profiler: time by operator and input shapes (see profile_breakdown)
+                import torch
 
-                self.profiler = cProfile.Profile()
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                       record_shapes=True)
 
         def wrap(self, collate: Any) -> Any:
             probe = self
@@ -253,14 +254,14 @@ def make_probe_callback(profile: bool = False, count_tokens: bool = True) -> Any
             self.wall_start = time.time()
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
             if self.profiler:
-                self.profiler.enable()
+                self.profiler.start()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.step_ends.append(time.perf_counter())
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if self.profiler:
-                self.profiler.disable()
+                self.profiler.stop()
             self.end, self.cpu_end = time.perf_counter(), time.process_time()
             self.wall_end = time.time()
             self.state, self.model = state, kwargs.get("model")
@@ -317,6 +318,34 @@ def executed_flops_per_token(r: dict[str, Any], lora: bool) -> float:
     per_block = (4 if lora else 6) * blocks
     head = (4 if lora else 6) * r["hidden"] * r["vocab"] * r.get("head_share", 1.0)
     return per_block + head
+
+
+# Operator name fragments -> where the time goes; first match wins.
+PROFILE_BUCKETS = [
+    ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("attention", ("attention", "flash", "softmax", "baddbmm", "bmm")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear")),
+    ("optimizer", ("adam", "_foreach", "lerp", "addcdiv", "addcmul")),
+    ("norm / activation", ("rsqrt", "silu", "pow", "mean", "rms_norm")),
+    ("dropout", ("dropout", "bernoulli")),
+    ("copies / indexing", ("copy_", "index", "cat", "contiguous", "clone", "to", "fill_", "zero_", "empty")),
+]
+
+
+def profile_breakdown(profiler: Any, vocab: int) -> list[tuple[str, float, float]]:
+    """(bucket, seconds, share) of the profiled loop by operator self time; matrix products whose input shapes
+    carry the vocabulary size are counted as "LM head" (a LoRA or block matmul never has that dimension)."""
+    totals: dict[str, float] = {}
+    for event in profiler.key_averages(group_by_input_shape=True):
+        name, seconds = event.key, event.self_cpu_time_total / 1e6
+        shapes = str(event.input_shapes)
+        if any(k in name for k in ("aten::mm", "aten::addmm", "aten::matmul")) and str(vocab) in shapes:
+            bucket = "LM head"
+        else:
+            bucket = next((b for b, keys in PROFILE_BUCKETS if any(k in name for k in keys)), "other")
+        totals[bucket] = totals.get(bucket, 0.0) + seconds
+    whole = sum(totals.values()) or 1.0
+    return sorted(((b, t, t / whole) for b, t in totals.items()), key=lambda x: -x[1])
 
 
 def spread(values: list[float]) -> dict[str, float]:

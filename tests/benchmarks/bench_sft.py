@@ -61,6 +61,7 @@ from bench_common import (  # noqa: E402
     machine,
     make_probe_callback,
     matmul_gflops,
+    profile_breakdown,
     spread,
     write_json,
 )
@@ -256,13 +257,11 @@ def child(args: argparse.Namespace) -> None:
         shutil.rmtree(out, ignore_errors=True)
     result = probe.result(skip=args.warmup_steps)
     if probe.profiler:
-        import pstats
-
-        stats = pstats.Stats(probe.profiler, stream=sys.stdout).strip_dirs()
-        print(f"\n=== cProfile of {args.only}: training loop only, by own time ===")
-        stats.sort_stats("tottime").print_stats(30)
-        print(f"=== cProfile of {args.only}: by cumulative time ===")
-        stats.sort_stats("cumulative").print_stats(40)
+        print(f"\n=== torch profiler, {args.only}: training loop only, operators by own CPU time ===")
+        print(probe.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        print(f"=== where the time goes, {args.only} (bench_common.profile_breakdown) ===")
+        for bucket, seconds, share in profile_breakdown(probe.profiler, result["vocab"]):
+            print(f"{bucket:<20} {seconds:8.2f} s  {100 * share:5.1f}%")
     if args.result:
         args.result.write_text(json.dumps(result), encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "loss_curve"}))
@@ -461,7 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lf-python", type=Path, help="an existing LLaMA-Factory venv's python")
     parser.add_argument("--model-cache", type=Path, help="build the random model here once and reuse it")
     parser.add_argument("--only", choices=list(SYSTEMS), help="run one system in this process (what the parent calls)")
-    parser.add_argument("--profile", action="store_true", help="with --only: print a cProfile of the training loop")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --only: print torch's profile of the training loop")
     parser.add_argument("--model", type=Path, help="with --only: the model folder")
     parser.add_argument("--data", type=Path, help="with --only: the rows (sharegpt JSON lines)")
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
